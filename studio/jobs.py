@@ -57,6 +57,9 @@ class JobRunner:
                 raise ValueError(f"depends_on: no run {depends_on!r}")
             run_id = store.create_run(db, step, config_to_dict(config), queue=config.queue,
                                       name=name, depends_on=depends_on, resumed_from=resumed_from)
+            run_dir = self.home / "runs" / run_id
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
             if self.inline:
                 self._run_inline(db, run_id)
         self._wake.set()

@@ -89,6 +89,22 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
+def keep_uploads(home: Path, paths: list[str]) -> list[str]:
+    """Copy input files into STUDIO_HOME/uploads so that a run (and its re-runs) owns them."""
+    if not paths:
+        return []
+    folder = Path(home) / "uploads" / (new_run_id() + "-" + secrets.token_hex(2))
+    folder.mkdir(parents=True)
+    copies = []
+    for path in map(Path, paths):
+        target = folder / path.name
+        if target.exists():  # two files with the same name from different folders
+            target = folder / f"{len(copies)}-{path.name}"
+        shutil.copy2(path, target)
+        copies.append(str(target))
+    return copies
+
+
 # --- runs -------------------------------------------------------------------------------------
 
 def create_run(db: Database, step: str, config: dict[str, Any], *, queue: str, name: str = "",

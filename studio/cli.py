@@ -1,0 +1,237 @@
+"""The `slmops` command line: the UI, runs, and dataset import, on the same store as the UI.
+
+Run as: slmops --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from pipelines import STEPS
+from pipelines.base import config_from_dict
+from pipelines.dataset import DatasetConfig, format_report
+from studio import store
+from studio.jobs import JobRunner, config_of
+from studio.settings import Settings
+from studio.ui import views
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    if args.home:
+        settings = Settings(**{**settings.__dict__, "home": Path(args.home).resolve()})
+    if not args.command:
+        parser.print_help()
+        raise SystemExit(0)
+    raise SystemExit(args.func(settings, args) or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slmops", description="SLMOps Studio command line.")
+    parser.add_argument("--home", help="studio data folder (default: $STUDIO_HOME or ./studio-data)")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("ui", help="start the web UI (same as python app.py)")
+    p.set_defaults(func=cmd_ui)
+    p = sub.add_parser("run", help="queue a run of STEP from a JSON config")
+    p.add_argument("step", choices=sorted(STEPS))
+    p.add_argument("--config", required=True, help="JSON file with the step's config")
+    p.add_argument("--name", default="")
+    p.add_argument("--follow", action="store_true", help="run it now and print its progress")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("runs", help="list runs")
+    p.add_argument("--step", choices=sorted(STEPS))
+    p.add_argument("--status", choices=store.STATUSES)
+    p.add_argument("--limit", type=int, default=30)
+    p.set_defaults(func=cmd_runs)
+    p = sub.add_parser("show", help="one run: status, config, summary, artifacts, lineage")
+    p.add_argument("run_id")
+    p.set_defaults(func=cmd_show)
+    for name, doc in (("cancel", "cancel a queued or running run"),
+                      ("rerun", "queue a new run with the same config"),
+                      ("resume", "continue a stopped run from its last checkpoint")):
+        p = sub.add_parser(name, help=doc)
+        p.add_argument("run_id")
+        p.add_argument("--follow", action="store_true", help="(rerun/resume) run it now")
+        p.set_defaults(func=cmd_control, action=name)
+    data = sub.add_parser("dataset", help="dataset commands").add_subparsers(dest="dataset_command",
+                                                                             required=True)
+    p = data.add_parser("import", help="import files (or a Hub dataset) and print the report")
+    p.add_argument("files", nargs="*", help="CSV, TSV, JSON, JSONL, Parquet or TXT files")
+    p.add_argument("--name", required=True)
+    p.add_argument("--mapping", default="", help="role=column pairs, e.g. prompt=Question,"
+                                                 "response=Answer")
+    p.add_argument("--shape", default="auto")
+    p.add_argument("--system-prompt", default="")
+    p.add_argument("--split", default="0.9,0.1,0", help="train,validation,test shares")
+    p.add_argument("--tokenizer-model", default="bundled")
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--hub", default="", help="a Hub dataset id instead of files")
+    p.add_argument("--hub-config", default="")
+    p.add_argument("--hub-split", default="train")
+    p.set_defaults(func=cmd_dataset_import)
+    return parser
+
+
+def cmd_ui(settings: Settings, args: argparse.Namespace) -> int:
+    from studio.ui.app import launch
+
+    store.init(settings.home)
+    print(f"SLMOps Studio: http://{settings.host}:{settings.port}  (data in {settings.home})",
+          flush=True)
+    launch(settings)
+    return 0
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        data = json.loads(Path(args.config).read_text())
+        config = config_from_dict(STEPS[args.step].CONFIG, _absolute_paths(data))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _submit(settings, args.step, config, args.name, args.follow)
+
+
+def cmd_runs(settings: Settings, args: argparse.Namespace) -> int:
+    store.init(settings.home)
+    with store.connect(settings.home) as db:
+        rows = store.list_runs(db, step=args.step, status=args.status, limit=args.limit)
+    print(f"{'run':<22} {'step':<10} {'status':<12} {'progress':>8}  name")
+    for r in rows:
+        print(f"{r['id']:<22} {r['step']:<10} {r['status']:<12} "
+              f"{100 * (r['progress'] or 0):>7.0f}%  {r['name']}")
+    return 0
+
+
+def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
+    store.init(settings.home)
+    with store.connect(settings.home) as db:
+        row = store.get_run(db, args.run_id)
+        if row is None:
+            print(f"error: no run {args.run_id}", file=sys.stderr)
+            return 1
+        outputs = store.artifacts(db, run_id=args.run_id)
+        links = store.lineage(db, args.run_id)
+    print(f"{row['id']}  {row['step']}  {row['status']}  {row['name']}")
+    print(f"created {row['created_at']}  started {row['started_at']}  finished {row['finished_at']}"
+          f"  duration {views.duration(views.elapsed_s(row))}")
+    if row["error"]:
+        print(f"error: {row['error']}")
+    print("config:", json.dumps(json.loads(row["config_json"]), indent=2))
+    if row["summary_json"]:
+        summary = json.loads(row["summary_json"])
+        print(format_report(summary) if row["step"] == "dataset" else json.dumps(summary, indent=2))
+    for a in outputs:
+        print(f"artifact: {a['kind']} {a['name']} {settings.home / a['path']} ({a['bytes']} bytes)")
+    for i in links["inputs"]:
+        print(f"input ({i['role']}): {i['kind']} {i['name']} from run {i['made_by']}")
+    for u in links["used_by"]:
+        print(f"used by: {u['run_id']} ({u['step']}, {u['status']})")
+    return 0
+
+
+def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
+    runner = JobRunner(settings.home, queues=settings.queues, grace_s=settings.cancel_grace_s)
+    try:
+        if args.action == "cancel":
+            print(f"{args.run_id}: {runner.cancel(args.run_id)}")
+            return 0
+        with store.connect(settings.home) as db:
+            row = store.get_run(db, args.run_id)
+        if row is None:
+            print(f"error: no run {args.run_id}", file=sys.stderr)
+            return 1
+        if args.action == "rerun":
+            return _submit(settings, row["step"], config_of(row), row["name"], args.follow,
+                           depends_on=row["depends_on"])
+        run_id = runner.resume(args.run_id)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"queued {run_id} (resumes {args.run_id})")
+    return _follow(settings, run_id) if args.follow else 0
+
+
+def cmd_dataset_import(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        shares = [float(x) for x in args.split.split(",")]
+        if len(shares) != 3:
+            raise ValueError(f"--split needs three shares like 0.9,0.1,0, got {args.split!r}")
+        mapping = dict(pair.split("=", 1) for pair in args.mapping.split(",") if pair.strip())
+        for path in args.files:
+            if not Path(path).is_file():
+                raise ValueError(f"{path}: file not found")
+        config = DatasetConfig(
+            name=args.name, files=[str(Path(f).resolve()) for f in args.files],
+            hub_dataset=args.hub, hub_config=args.hub_config, hub_split=args.hub_split,
+            shape=args.shape, mapping=mapping, system_prompt=args.system_prompt,
+            tokenizer_model=args.tokenizer_model, max_tokens=args.max_tokens, seed=args.seed,
+            train_ratio=shares[0], validation_ratio=shares[1], test_ratio=shares[2],
+            max_file_mb=settings.max_upload_mb)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    store.init(settings.home)
+    import dataclasses
+
+    config = dataclasses.replace(config, files=store.keep_uploads(settings.home, config.files))
+    return _submit(settings, "dataset", config, args.name, follow=True)
+
+
+def _submit(settings: Settings, step: str, config, name: str, follow: bool,
+            depends_on: str | None = None) -> int:
+    runner = JobRunner(settings.home, queues=settings.queues, grace_s=settings.cancel_grace_s)
+    run_id = runner.submit(step, config, name=name, depends_on=depends_on)
+    print(f"queued {run_id}", flush=True)
+    if not follow:
+        return 0
+    owns = runner.start()  # if the UI is running, its runner executes the run; else we do
+    try:
+        return _follow(settings, run_id)
+    finally:
+        if owns:
+            runner.stop()
+
+
+def _follow(settings: Settings, run_id: str) -> int:
+    """Print the run's events and progress until it ends; exit code 0 only if it succeeded."""
+    cursor, last = 0, None
+    with store.connect(settings.home) as db:
+        while True:
+            row = store.get_run(db, run_id)
+            for event in store.events(db, run_id, cursor):
+                cursor = event["id"]
+                print(event["message"], flush=True)
+            shown = (round(100 * (row["progress"] or 0)), row["message"])
+            if row["status"] == "running" and shown != last:
+                last = shown
+                print(f"[{shown[0]:3d}%] {shown[1]}", flush=True)
+            if row["status"] in store.TERMINAL:
+                break
+            time.sleep(0.3)
+    if row["status"] != "succeeded":
+        print(f"error: run {run_id} {row['status']}: {row['error'] or row['message']}",
+              file=sys.stderr)
+        return 1
+    with store.connect(settings.home) as db:
+        for a in store.artifacts(db, run_id=run_id):
+            print(f"artifact: {a['kind']} '{a['name']}' at {settings.home / a['path']}")
+    return 0
+
+
+def _absolute_paths(data: dict) -> dict:
+    """Config values naming existing relative paths become absolute (the worker runs elsewhere)."""
+    def fix(value):
+        if isinstance(value, str) and value and not Path(value).is_absolute() and Path(value).exists():
+            return str(Path(value).resolve())
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        return value
+    return {k: fix(v) for k, v in data.items()}

@@ -1,0 +1,1 @@
+"""The Gradio Blocks UI: one module per tab, handlers as plain functions that only touch SQLite."""

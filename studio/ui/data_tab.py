@@ -1,0 +1,237 @@
+"""Data tab: upload files (or name a Hub dataset), check the detected shape and mapping, import."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from pipelines import dataset
+from pipelines.base import StepError
+from pipelines.dataset import SAMPLE_DATASET, SAMPLE_SYSTEM_PROMPT, DatasetConfig
+from studio import store
+from studio.jobs import JobRunner
+from studio.settings import Settings
+from studio.ui import forms, views
+
+MAPPING_ROLES = ("messages", "prompt", "input", "response", "text", "label", "system")
+ROLE_LABELS = {"messages": "Messages / conversations column", "prompt": "Prompt column",
+               "input": "Extra input column", "response": "Answer column", "text": "Text column",
+               "label": "Label column", "system": "System prompt column"}
+HAND_LAID = ("name", "files", "hub_dataset", "hub_config", "hub_split", "shape", "mapping",
+             "system_prompt", "train_ratio", "validation_ratio", "test_ratio", "max_file_mb")
+PAGE_SIZE = 10
+
+
+def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
+    gr.Markdown("Upload CSV, TSV, JSON, JSONL, Parquet or TXT files. The studio detects the shape "
+                "(chat messages, ShareGPT, Alpaca, prompt/completion, question/answer, "
+                "classification or raw text) and turns every row into a chat conversation.")
+    with gr.Row():
+        with gr.Column(scale=3):
+            files = gr.File(label="Files", file_count="multiple", type="filepath",
+                            file_types=list(dataset.FILE_TYPES), elem_id="data-files")
+            sample = gr.Button("Use the sample dataset (360 support messages, 6 intents)",
+                               size="sm", elem_id="data-sample")
+        with gr.Column(scale=2), gr.Accordion("…or a Hugging Face Hub dataset (online)", open=False):
+            hub_dataset = gr.Textbox(**forms.field_kwargs(DatasetConfig, "hub_dataset"))
+            hub_config = gr.Textbox(**forms.field_kwargs(DatasetConfig, "hub_config"))
+            hub_split = gr.Textbox(**forms.field_kwargs(DatasetConfig, "hub_split"))
+    detected = gr.Markdown(elem_id="data-detected")
+    with gr.Accordion("Column mapping", open=True):
+        shape = gr.Dropdown(choices=["auto", *dataset.SHAPES], value="auto", label="Shape",
+                            info="How rows are read; 'auto' picks it from the column names.")
+        with gr.Row():
+            roles = [gr.Dropdown(choices=[""], value="", label=ROLE_LABELS[r], allow_custom_value=True)
+                     for r in MAPPING_ROLES]
+        system_prompt = gr.Textbox(lines=2, **forms.field_kwargs(DatasetConfig, "system_prompt"))
+    preview_table = gr.Dataframe(headers=["#", "conversation"], label="Preview (first rows)",
+                                 wrap=True, line_breaks=True, interactive=False)
+    with gr.Row():
+        name = gr.Textbox(**forms.field_kwargs(DatasetConfig, "name"), elem_id="data-name")
+        train = gr.Number(**forms.field_kwargs(DatasetConfig, "train_ratio"))
+        validation = gr.Number(**forms.field_kwargs(DatasetConfig, "validation_ratio"))
+        test = gr.Number(**forms.field_kwargs(DatasetConfig, "test_ratio"))
+    with gr.Accordion("Advanced", open=False):
+        advanced = forms.build_form(DatasetConfig, exclude=HAND_LAID)
+    submit = gr.Button("Import dataset", variant="primary", elem_id="data-import")
+    import_run = gr.State("")
+    import_status = gr.HTML(elem_id="data-import-status")
+    import_report = gr.Markdown()
+
+    gr.Markdown("### Imported datasets")
+    with gr.Row():
+        chosen = gr.Dropdown(label="Dataset", choices=dataset_choices(home), scale=3)
+        split = gr.Radio(choices=list(dataset.SPLITS), value="train", label="Split", scale=2)
+        page = gr.Number(value=1, precision=0, label="Page", minimum=1, scale=1)
+    dataset_info = gr.Markdown()
+    dataset_rows = gr.Dataframe(headers=["#", "conversation"], wrap=True, line_breaks=True,
+                                interactive=False)
+
+    mapping_outputs = [detected, shape, *roles, system_prompt, preview_table, name]
+    files.upload(inspect_upload, inputs=[files], outputs=mapping_outputs)
+    sample.click(lambda: str(SAMPLE_DATASET), outputs=[files]).then(
+        inspect_upload, inputs=[files], outputs=mapping_outputs)
+    for control in (shape, *roles):
+        control.input(apply_mapping, inputs=[files, shape, *roles, system_prompt],
+                      outputs=[detected, preview_table])
+
+    def on_submit(*values):
+        return submit_import(runner, settings, *values)
+
+    submit.click(on_submit, inputs=[files, hub_dataset, hub_config, hub_split, name, shape, *roles,
+                                    system_prompt, train, validation, test, *advanced.values()],
+                 outputs=[import_run, import_status])
+    timer = gr.Timer(1.0)
+    timer.tick(lambda run_id: refresh_import(home, run_id), inputs=[import_run],
+               outputs=[import_status, import_report, chosen])
+    for control in (chosen, split, page):
+        control.change(lambda a, s, p: show_dataset(home, a, s, p), inputs=[chosen, split, page],
+                       outputs=[dataset_info, dataset_rows])
+
+
+def inspect_upload(files: list[str] | str | None) -> tuple:
+    """Right after an upload: detect shape and columns from the head of the first file."""
+    paths = _paths(files)
+    blank = (gr.update(choices=[""], value=""),) * len(MAPPING_ROLES)
+    if not paths:
+        return ("", "auto", *blank, "", [], "")
+    try:
+        found = dataset.preview(paths)
+    except StepError as e:
+        return (f"⚠️ {e}", "auto", *blank, "", [], Path(paths[0]).stem)
+    choices = ["", *found["columns"]]
+    updates = tuple(gr.update(choices=choices, value=found["mapping"].get(r, ""))
+                    for r in MAPPING_ROLES)
+    system = ""
+    if Path(paths[0]).resolve() == SAMPLE_DATASET.resolve():
+        system = SAMPLE_SYSTEM_PROMPT
+    elif found["labels"]:
+        system = ("Classify the text. Answer with exactly one of these labels: "
+                  + ", ".join(found["labels"]) + ".")
+    return (_detected_md(found, paths), found["shape"], *updates, system,
+            _preview_rows(found["examples"]), Path(paths[0]).stem)
+
+
+def apply_mapping(files: list[str] | str | None, shape: str, *values: str) -> tuple[str, list]:
+    """Re-read the head with the shape and columns the user chose."""
+    *role_values, system_prompt = values
+    paths = _paths(files)
+    if not paths:
+        return "", []
+    mapping = {r: v for r, v in zip(MAPPING_ROLES, role_values) if v}
+    try:
+        found = dataset.preview(paths, shape, mapping, system_prompt or "")
+    except StepError as e:
+        return f"⚠️ {e}", []
+    return _detected_md(found, paths), _preview_rows(found["examples"])
+
+
+def submit_import(runner: JobRunner, settings: Settings, files: list[str] | str | None,
+                  hub_dataset: str, hub_config: str, hub_split: str, name: str, shape: str,
+                  *values: Any) -> tuple[str, str]:
+    """Validate the form, copy the uploads into STUDIO_HOME and queue a dataset run."""
+    role_values = values[:len(MAPPING_ROLES)]
+    system_prompt, train, validation, test = values[len(MAPPING_ROLES):len(MAPPING_ROLES) + 4]
+    advanced_values = values[len(MAPPING_ROLES) + 4:]
+    paths = _paths(files)
+    for path in paths:
+        size_mb = Path(path).stat().st_size / 2**20
+        if size_mb > settings.max_upload_mb:
+            raise gr.Error(f"{Path(path).name} is {size_mb:.0f} MB, over the {settings.max_upload_mb}"
+                           " MB upload limit. Split it into smaller files.")
+    names = [f.name for f in dataclasses.fields(DatasetConfig) if f.name not in HAND_LAID]
+    try:
+        config = DatasetConfig(
+            name=(name or "").strip() or (Path(paths[0]).stem if paths else hub_dataset or ""),
+            files=paths, hub_dataset=(hub_dataset or "").strip(), hub_config=hub_config or "",
+            hub_split=hub_split or "train", shape=shape or "auto",
+            mapping={r: v for r, v in zip(MAPPING_ROLES, role_values) if v},
+            system_prompt=system_prompt or "", train_ratio=float(train or 0),
+            validation_ratio=float(validation or 0), test_ratio=float(test or 0),
+            max_file_mb=settings.max_upload_mb,
+            **forms.values_to_kwargs(DatasetConfig, names, advanced_values))
+    except (ValueError, TypeError) as e:
+        raise gr.Error(f"Can't import: {e}") from e
+    if paths:  # Gradio's temp copies can vanish; the run reads its own copy
+        config = dataclasses.replace(config, files=store.keep_uploads(runner.home, paths))
+    run_id = runner.submit("dataset", config, name=config.name)
+    with store.connect(runner.home) as db:
+        row = store.get_run(db, run_id)
+    return run_id, f"Queued import run <code>{run_id}</code> (see the Runs tab)." + \
+        views.progress_html(row)
+
+
+def refresh_import(home: Path, run_id: str) -> tuple:
+    """Poll the import run: progress bar while it works, the report when it ends."""
+    if not run_id:
+        return gr.skip(), gr.skip(), gr.skip()
+    with store.connect(home) as db:
+        row = store.get_run(db, run_id)
+    if row is None:
+        return "", "", gr.skip()
+    header = f"Import run <code>{run_id}</code> · {views.progress_html(row)}"
+    if row["status"] == "succeeded":
+        return header, views.summary_md(row), gr.update(choices=dataset_choices(home))
+    if row["status"] in ("failed", "canceled", "interrupted"):
+        return header, f"**Import {row['status']}:** {row['error'] or row['message']}", gr.skip()
+    return header, "", gr.skip()
+
+
+def dataset_choices(home: Path) -> list[tuple[str, int]]:
+    """(label, artifact id) of every imported dataset, newest first."""
+    with store.connect(home) as db:
+        rows = store.artifacts(db, kind="dataset")
+    choices = []
+    for a in rows:
+        meta = json.loads(a["meta_json"] or "{}")
+        choices.append((f"{a['name']} · {meta.get('rows', '?')} rows · {a['created_at'][:16]} "
+                        f"· run {a['run_id']}", a["id"]))
+    return choices
+
+
+def show_dataset(home: Path, artifact_id: int | None, split: str, page: float | None
+                 ) -> tuple[str, list]:
+    """A dataset's statistics and one page of one split."""
+    if not artifact_id:
+        return "", []
+    with store.connect(home) as db:
+        rows = list(db["artifacts"].rows_where("id = ?", [artifact_id]))
+    if not rows:
+        return "Dataset not found (deleted?).", []
+    folder = Path(home) / rows[0]["path"]
+    stats = json.loads((folder / "stats.json").read_text())
+    page = max(1, int(page or 1))
+    items = dataset.read_split(folder, split, (page - 1) * PAGE_SIZE, PAGE_SIZE)
+    count = stats.get("splits", {}).get(split, 0)
+    pages = max(1, -(-count // PAGE_SIZE))
+    info = (f"`{folder}`\n\n" + views.dataset_report_md(stats) +
+            f"\n\n**{split}**: page {page} of {pages}")
+    return info, [[(page - 1) * PAGE_SIZE + i + 1, views.conversation_text(r["messages"])]
+                  for i, r in enumerate(items)]
+
+
+def _paths(files: list[str] | str | None) -> list[str]:
+    if not files:
+        return []
+    items = [files] if isinstance(files, str) else files
+    return [str(getattr(f, "name", f)) for f in items]
+
+
+def _detected_md(found: dict[str, Any], paths: list[str]) -> str:
+    mapping = ", ".join(f"{role} ← `{col}`" for role, col in found["mapping"].items())
+    problems = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in found["problems"].items())
+    text = (f"Detected shape **{found['shape']}** in `{Path(paths[0]).name}` "
+            f"(columns: {', '.join(f'`{c}`' for c in found['columns'])}); mapping: {mapping}.")
+    if found["labels"]:
+        text += f" Labels seen: {', '.join(found['labels'])}."
+    if problems:
+        text += f" In the first rows: {problems} (these rows will be skipped and counted)."
+    return text
+
+
+def _preview_rows(examples: list[dict[str, Any]]) -> list[list[Any]]:
+    return [[i + 1, views.conversation_text(e["messages"])] for i, e in enumerate(examples)]

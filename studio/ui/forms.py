@@ -1,0 +1,57 @@
+"""Config dataclass -> Gradio form components, and component values -> validated config."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Collection
+from typing import Any
+
+import gradio as gr
+
+
+def field_kwargs(config_cls: type, name: str) -> dict[str, Any]:
+    """label, info and default value of one field, from its metadata."""
+    f = next(f for f in dataclasses.fields(config_cls) if f.name == name)
+    default = None
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    return {"label": f.metadata.get("label", name.replace("_", " ").capitalize()),
+            "info": f.metadata.get("help"), "value": default}
+
+
+def build_form(config_cls: type, exclude: Collection[str] = ()) -> dict[str, gr.components.Component]:
+    """One component per dataclass field (scalars only), in field order."""
+    hints = typing.get_type_hints(config_cls)
+    components = {}
+    for f in dataclasses.fields(config_cls):
+        kind = hints[f.name]
+        if f.name in exclude or kind not in (bool, int, float, str) and \
+                typing.get_origin(kind) is not typing.Literal:
+            continue
+        common = field_kwargs(config_cls, f.name)
+        if typing.get_origin(kind) is typing.Literal:
+            components[f.name] = gr.Dropdown(choices=list(typing.get_args(kind)), **common)
+        elif kind is bool:
+            components[f.name] = gr.Checkbox(**common)
+        elif kind in (int, float):
+            components[f.name] = gr.Number(precision=0 if kind is int else None, **common)
+        else:
+            components[f.name] = gr.Textbox(**common)
+    return components
+
+
+def values_to_kwargs(config_cls: type, names: Collection[str], values: Collection[Any]
+                     ) -> dict[str, Any]:
+    """Component values (in `names` order) -> keyword arguments with the field types."""
+    hints = typing.get_type_hints(config_cls)
+    kwargs = {}
+    for name, value in zip(names, values):
+        if hints[name] is int and value is not None:
+            value = int(value)
+        elif hints[name] is float and value is not None:
+            value = float(value)
+        kwargs[name] = value
+    return kwargs

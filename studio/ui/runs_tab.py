@@ -1,0 +1,192 @@
+"""Runs tab: every run with live status, metrics, log, config, artifacts and lineage."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from pipelines import STEPS
+from studio import store
+from studio.jobs import JobRunner, resumable
+from studio.ui import views
+
+TABLE_HEADERS = ["run", "name", "step", "status", "progress", "created", "duration"]
+
+
+def build_tab(home: Path, runner: JobRunner) -> None:
+    with gr.Row():
+        step = gr.Dropdown(choices=["", *STEPS], value="", label="Step", scale=1)
+        status = gr.Dropdown(choices=["", *store.STATUSES], value="", label="Status", scale=1)
+        run_id = gr.Dropdown(choices=run_choices(home), label="Run", allow_custom_value=True,
+                             scale=3, elem_id="runs-selected")
+    table = gr.Dataframe(value=runs_table(home), headers=TABLE_HEADERS, interactive=False,
+                         max_height=320, elem_id="runs-table")
+    header = gr.Markdown(elem_id="run-header")
+    progress = gr.HTML(elem_id="run-progress")
+    with gr.Row():
+        cancel = gr.Button("Cancel", size="sm", variant="stop")
+        rerun = gr.Button("Re-run", size="sm")
+        resume = gr.Button("Resume from checkpoint", size="sm")
+        delete = gr.Button("Delete", size="sm")
+    with gr.Tabs():
+        with gr.Tab("Report"):
+            summary = gr.Markdown(elem_id="run-summary")
+        with gr.Tab("Metrics"):
+            plot = gr.LinePlot(x="step", y="value", color="key", height=300, label="Metrics")
+        with gr.Tab("Log"):
+            log_box = gr.Textbox(lines=14, max_lines=14, label="Log", autoscroll=True,
+                                 buttons=["copy"], elem_id="run-log")
+        with gr.Tab("Config"):
+            config_code = gr.Code(language="json", label="Config (JSON)", buttons=["copy"])
+            command = gr.Code(language="shell", label="The same run from the command line",
+                              buttons=["copy"])
+        with gr.Tab("Artifacts & lineage"):
+            artifacts_md = gr.Markdown()
+
+    run_outputs = [header, progress, summary, plot, log_box, config_code, command, artifacts_md]
+    table.select(select_row, inputs=[table], outputs=[run_id])
+    run_id.change(lambda r: refresh_run(home, r), inputs=[run_id], outputs=run_outputs)
+    for control in (step, status):
+        control.change(lambda s, st: runs_table(home, s, st), inputs=[step, status],
+                       outputs=[table])
+
+    def act(action):
+        return lambda r: action(runner, r)
+
+    cancel.click(act(cancel_run), inputs=[run_id], outputs=[header])
+    rerun.click(act(rerun_run), inputs=[run_id], outputs=[run_id])
+    resume.click(act(resume_run), inputs=[run_id], outputs=[run_id])
+    delete.click(act(delete_run), inputs=[run_id], outputs=[run_id])
+    timer = gr.Timer(2.0)
+    timer.tick(lambda s, st, r: (runs_table(home, s, st), *refresh_run(home, r)),
+               inputs=[step, status, run_id], outputs=[table, *run_outputs])
+
+
+def runs_table(home: Path, step: str = "", status: str = "") -> list[list[Any]]:
+    with store.connect(home) as db:
+        rows = store.list_runs(db, step=step or None, status=status or None, limit=200)
+    return [[r["id"], r["name"], r["step"], f"{views.STATUS_ICONS[r['status']]} {r['status']}",
+             f"{100 * (r['progress'] or 0):.0f}%", r["created_at"][:19].replace("T", " "),
+             views.duration(views.elapsed_s(r))] for r in rows]
+
+
+def run_choices(home: Path) -> list[str]:
+    with store.connect(home) as db:
+        return [r["id"] for r in store.list_runs(db, limit=200)]
+
+
+def select_row(table: Any, evt: gr.SelectData) -> str:
+    """Clicking a row of the table opens that run."""
+    row = evt.row_value if evt.row_value else table.iloc[evt.index[0]].tolist()
+    return row[0]
+
+
+def refresh_run(home: Path, run_id: str | None) -> tuple:
+    """Everything the run page shows; reads SQLite and the log file only."""
+    empty = ("Pick a run in the table.", "", "", None, "", "", "", "")
+    if not run_id:
+        return empty
+    with store.connect(home) as db:
+        row = store.get_run(db, run_id)
+        if row is None:
+            return (f"No run `{run_id}`.", *empty[1:])
+        metric_rows = store.metrics(db, run_id)
+        events = store.last_events(db, run_id)
+        outputs = store.artifacts(db, run_id=run_id)
+        links = store.lineage(db, run_id)
+    return (_header_md(home, row), views.progress_html(row), views.summary_md(row),
+            pd.DataFrame(metric_rows, columns=["key", "step", "value"]) if metric_rows else None,
+            _log_text(home, row, events), json.dumps(json.loads(row["config_json"]), indent=2,
+                                                     ensure_ascii=False),
+            cli_command(home, row), _artifacts_md(outputs, links))
+
+
+def cli_command(home: Path, row: dict[str, Any]) -> str:
+    config = Path(home) / "runs" / row["id"] / "config.json"
+    return f"slmops run {row['step']} --config {shlex.quote(str(config))} --follow"
+
+
+def cancel_run(runner: JobRunner, run_id: str) -> str:
+    if not run_id:
+        raise gr.Error("Pick a run first.")
+    outcome = runner.cancel(run_id)
+    if outcome == "finished":
+        gr.Warning(f"Run {run_id} has already finished; nothing to cancel.")
+    else:
+        gr.Info(f"Run {run_id}: {outcome}.")
+    return gr.skip()
+
+
+def rerun_run(runner: JobRunner, run_id: str) -> str:
+    if not run_id:
+        raise gr.Error("Pick a run first.")
+    new_id = runner.rerun(run_id)
+    gr.Info(f"Queued {new_id} with the same config as {run_id}.")
+    return gr.update(value=new_id, choices=run_choices(runner.home))
+
+
+def resume_run(runner: JobRunner, run_id: str) -> str:
+    if not run_id:
+        raise gr.Error("Pick a run first.")
+    try:
+        new_id = runner.resume(run_id)
+    except ValueError as e:
+        raise gr.Error(f"{e}. Only a stopped run that saved checkpoints can resume; "
+                       "use Re-run to start over.") from e
+    gr.Info(f"Resuming {run_id} as {new_id}.")
+    return gr.update(value=new_id, choices=run_choices(runner.home))
+
+
+def delete_run(runner: JobRunner, run_id: str) -> str:
+    if not run_id:
+        raise gr.Error("Pick a run first.")
+    if not runner.delete(run_id):
+        raise gr.Error(f"Run {run_id} is still queued or running: cancel it first.")
+    gr.Info(f"Deleted run {run_id} and its files.")
+    return gr.update(value=None, choices=run_choices(runner.home))
+
+
+def _header_md(home: Path, row: dict[str, Any]) -> str:
+    lines = [f"### {row['name']} · `{row['id']}`",
+             f"step **{row['step']}** · queue **{row['queue']}** · created {row['created_at'][:19]}"
+             + (f" · waits for `{row['depends_on']}`" if row["depends_on"] else "")
+             + (f" · resumes `{row['resumed_from']}`" if row["resumed_from"] else "")]
+    if row["error"]:
+        lines.append(f"\n**Error:** {row['error']}")
+    if resumable(home, row):
+        lines.append("\nThis run saved checkpoints: **Resume from checkpoint** continues it.")
+    return "\n".join(lines)
+
+
+def _log_text(home: Path, row: dict[str, Any], events: list[dict[str, Any]]) -> str:
+    lines = [f"{e['ts'][11:19]} {e['level']:<7} {e['message']}" for e in events]
+    if row["traceback"]:
+        lines += ["", "--- worker output (tail) ---", row["traceback"]]
+    log_file = Path(home) / "runs" / row["id"] / "log.txt"
+    if row["status"] == "running" and log_file.exists():
+        with log_file.open("rb") as f:
+            f.seek(max(0, log_file.stat().st_size - 4000))
+            tail = f.read().decode("utf-8", "replace").splitlines()[-15:]
+        lines += ["", "--- worker output (tail) ---", *tail]
+    return "\n".join(lines)
+
+
+def _artifacts_md(outputs: list[dict[str, Any]], links: dict[str, list[dict[str, Any]]]) -> str:
+    lines = ["**Produced**"] if outputs else ["No artifacts (yet)."]
+    for a in outputs:
+        lines.append(f"- {a['kind']} **{a['name']}** · `{a['path']}` · {a['bytes'] / 1024:.1f} KB · "
+                     f"sha256 `{a['sha256'][:12]}…`")
+    if links["inputs"]:
+        lines.append("\n**Made from**")
+        lines += [f"- {i['role']}: {i['kind']} **{i['name']}** made by run `{i['made_by']}`"
+                  for i in links["inputs"]]
+    if links["used_by"]:
+        lines.append("\n**Used by**")
+        lines += [f"- run `{u['run_id']}` ({u['step']}, {u['status']}) as {u['role']}"
+                  for u in links["used_by"]]
+    return "\n".join(lines)

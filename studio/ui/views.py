@@ -1,0 +1,111 @@
+"""How runs, progress and dataset reports are rendered (Markdown and HTML strings)."""
+
+from __future__ import annotations
+
+import html
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+STATUS_ICONS = {"queued": "⏳", "running": "🔄", "succeeded": "✅", "failed": "❌",
+                "canceled": "⏹️", "interrupted": "⚠️"}
+
+
+def elapsed_s(row: dict[str, Any]) -> float | None:
+    if not row.get("started_at"):
+        return None
+    start = datetime.fromisoformat(row["started_at"])
+    end = datetime.fromisoformat(row["finished_at"]) if row.get("finished_at") else \
+        datetime.now(timezone.utc)
+    return max(0.0, (end - start).total_seconds())
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def eta_s(row: dict[str, Any]) -> float | None:
+    """Remaining time from the elapsed time and the progress fraction (linear)."""
+    progress, elapsed = row.get("progress") or 0.0, elapsed_s(row)
+    if row["status"] != "running" or elapsed is None or not 0.02 <= progress < 1:
+        return None
+    return elapsed / progress * (1 - progress)
+
+
+def progress_html(row: dict[str, Any] | None) -> str:
+    """A progress bar with percentage, message, elapsed time and ETA."""
+    if row is None:
+        return ""
+    pct = 100.0 if row["status"] == "succeeded" else 100 * (row.get("progress") or 0.0)
+    color = {"failed": "#d9534f", "canceled": "#999", "interrupted": "#f0ad4e"}.get(
+        row["status"], "#3b82f6" if row["status"] != "succeeded" else "#22a06b")
+    eta = eta_s(row)
+    parts = [f"{STATUS_ICONS.get(row['status'], '')} {row['status']}", f"{pct:.0f}%",
+             html.escape(row.get("message") or "")]
+    if elapsed_s(row) is not None:
+        parts.append(f"elapsed {duration(elapsed_s(row))}")
+    if eta is not None:
+        parts.append(f"ETA {duration(eta)}")
+    return (f'<div class="run-progress" data-status="{row["status"]}">'
+            f'<div style="background:#e5e7eb;border-radius:6px;height:14px;overflow:hidden">'
+            f'<div style="width:{pct:.1f}%;background:{color};height:14px"></div></div>'
+            f'<div style="font-size:0.9em;margin-top:4px">{" · ".join(p for p in parts if p)}'
+            f"</div></div>")
+
+
+def dataset_report_md(stats: dict[str, Any]) -> str:
+    """The validation report of a dataset import as Markdown."""
+    dropped = sum(stats.get("dropped", {}).values())
+    lines = [f"**{stats['rows_read']}** rows read · **{stats['rows_kept']}** kept · "
+             f"**{dropped}** dropped · shape **{stats['shape']}**"]
+    if stats.get("splits"):
+        lines.append("Splits: " + ", ".join(f"{k} **{v}**" for k, v in stats["splits"].items()))
+    if stats.get("dropped"):
+        lines.append("\n| dropped | rows | examples |\n|---|---|---|")
+        for reason, n in stats["dropped"].items():
+            examples = "; ".join(f"{e['where']}: {e['detail']}"
+                                 for e in stats["drop_examples"].get(reason, []))
+            lines.append(f"| {reason.replace('_', ' ')} | {n} | {_cell(examples)} |")
+    tokens = stats.get("tokens")
+    if tokens:
+        lines.append(f"\nTokens per row ({stats.get('tokenizer', '')} tokenizer, chat template "
+                     f"applied): min {tokens['min']} · mean {tokens['mean']} · p50 {tokens['p50']}"
+                     f" · p95 {tokens['p95']} · max {tokens['max']} · total {tokens['total']}")
+    if stats.get("roles"):
+        lines.append("Conversations with each role: " + ", ".join(
+            f"{k} {v}" for k, v in stats["roles"].items()) + " · turns per conversation: " +
+            ", ".join(f"{k}: {v}" for k, v in stats.get("turns", {}).items()))
+    if stats.get("labels"):
+        total = sum(stats["labels"].values())
+        lines.append("\n| label | rows | share |\n|---|---|---|")
+        lines += [f"| {_cell(k)} | {v} | {100 * v / total:.1f}% |" for k, v in
+                  stats["labels"].items()]
+    if stats.get("content_hash"):
+        lines.append(f"\nContent hash: `{stats['content_hash'][:16]}…`")
+    return "\n".join(lines)
+
+
+def conversation_text(messages: list[dict[str, str]], limit: int = 400) -> str:
+    text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def summary_md(row: dict[str, Any]) -> str:
+    """A finished run's summary: the dataset report for imports, JSON for other steps."""
+    if not row.get("summary_json"):
+        return ""
+    summary = json.loads(row["summary_json"])
+    if row["step"] == "dataset" and "rows_read" in summary:
+        return dataset_report_md(summary)
+    return "```json\n" + json.dumps(summary, indent=2, ensure_ascii=False) + "\n```"
+
+
+def _cell(text: str) -> str:
+    return html.escape(str(text)).replace("|", "\\|").replace("\n", " ")

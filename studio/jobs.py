@@ -68,7 +68,8 @@ class JobRunner:
     def cancel(self, run_id: str) -> str:
         """Cancel a queued run at once, or ask a running one to stop; returns what happened."""
         with store.connect(self.home) as db:
-            if store.set_status(db, run_id, "canceled", message="canceled before it started"):
+            if store.set_status(db, run_id, "canceled", only_from=("queued",),
+                                message="canceled before it started"):
                 store.add_event(db, run_id, "status", "canceled before it started")
                 return "canceled"
             if store.request_cancel(db, run_id):
@@ -176,7 +177,7 @@ class JobRunner:
         if parent and parent["status"] == "succeeded" and not parent["deleted"]:
             return True
         if parent and parent["status"] in ("queued", "running"):
-            store.update_progress(db, row["id"], None, f"waiting for run {parent['id']}")
+            store.set_queued_message(db, row["id"], f"waiting for run {parent['id']}")
             return False
         state = "was deleted" if parent and parent["deleted"] else \
             f"ended {parent['status']}" if parent else "does not exist"

@@ -145,11 +145,15 @@ def queued_runs(db: Database) -> list[dict[str, Any]]:
     return list(db["runs"].rows_where("status = 'queued'", order_by="created_at, id"))
 
 
-def set_status(db: Database, run_id: str, status: str, **fields: Any) -> bool:
-    """Move a run to `status` if that transition is legal; False means nothing changed."""
+def set_status(db: Database, run_id: str, status: str, *, only_from: tuple[str, ...] = (),
+               **fields: Any) -> bool:
+    """Move a run to `status` if that transition is legal; False means nothing changed.
+
+    `only_from` narrows the legal source states (cancel moves only queued runs directly).
+    """
     stamp = "started_at" if status == "running" else "finished_at"
     values = {"status": status, stamp: utc_now(), **fields}
-    sources = ALLOWED_FROM[status]
+    sources = [s for s in ALLOWED_FROM[status] if not only_from or s in only_from]
     # Column names come from this module's callers, never from user input.
     columns = ", ".join(f"[{name}] = ?" for name in values)
     placeholders = ", ".join("?" for _ in sources)
@@ -166,6 +170,12 @@ def update_progress(db: Database, run_id: str, progress: float | None, message: 
     # A late write after a terminal state matches no row and is dropped.
     db.execute("update runs set progress = coalesce(?, progress), message = ? "
                "where id = ? and status = 'running'", [progress, message, run_id])
+
+
+def set_queued_message(db: Database, run_id: str, message: str) -> None:
+    """Say why a queued run has not started (e.g. it waits for another run)."""
+    db.execute("update runs set message = ? where id = ? and status = 'queued' and message != ?",
+               [message, run_id, message])
 
 
 def request_cancel(db: Database, run_id: str) -> bool:

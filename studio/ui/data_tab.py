@@ -64,7 +64,8 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
 
     gr.Markdown("### Imported datasets")
     with gr.Row():
-        chosen = gr.Dropdown(label="Dataset", choices=dataset_choices(home), scale=3)
+        chosen = gr.Dropdown(label="Dataset", choices=dataset_choices(home), value=None, scale=3,
+                             elem_id="data-chosen")
         split = gr.Radio(choices=list(dataset.SPLITS), value="train", label="Split", scale=2)
         page = gr.Number(value=1, precision=0, label="Page", minimum=1, scale=1)
     dataset_info = gr.Markdown()
@@ -73,7 +74,7 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
 
     mapping_outputs = [detected, shape, *roles, system_prompt, preview_table, name]
     files.upload(inspect_upload, inputs=[files], outputs=mapping_outputs)
-    sample.click(lambda: str(SAMPLE_DATASET), outputs=[files]).then(
+    sample.click(lambda: [str(SAMPLE_DATASET)], outputs=[files]).then(
         inspect_upload, inputs=[files], outputs=mapping_outputs)
     for control in (shape, *roles):
         control.input(apply_mapping, inputs=[files, shape, *roles, system_prompt],
@@ -88,6 +89,7 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
     timer = gr.Timer(1.0)
     timer.tick(lambda run_id: refresh_import(home, run_id), inputs=[import_run],
                outputs=[import_status, import_report, chosen])
+    chosen.focus(lambda: gr.update(choices=dataset_choices(home)), outputs=[chosen])
     for control in (chosen, split, page):
         control.change(lambda a, s, p: show_dataset(home, a, s, p), inputs=[chosen, split, page],
                        outputs=[dataset_info, dataset_rows])

@@ -22,9 +22,9 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     with gr.Row():
         step = gr.Dropdown(choices=["", *STEPS], value="", label="Step", scale=1)
         status = gr.Dropdown(choices=["", *store.STATUSES], value="", label="Status", scale=1)
-        run_id = gr.Dropdown(choices=run_choices(home), label="Run", allow_custom_value=True,
-                             scale=3, elem_id="runs-selected")
-    table = gr.Dataframe(value=runs_table(home), headers=TABLE_HEADERS, interactive=False,
+        run_id = gr.Textbox(label="Run", placeholder="click a run in the table, or paste its id",
+                            scale=3, elem_id="runs-selected")
+    table = gr.Dataframe(value=lambda: runs_table(home), headers=TABLE_HEADERS, interactive=False,
                          max_height=320, elem_id="runs-table")
     header = gr.Markdown(elem_id="run-header")
     progress = gr.HTML(elem_id="run-progress")
@@ -50,7 +50,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
 
     run_outputs = [header, progress, summary, plot, log_box, config_code, command, artifacts_md]
     table.select(select_row, inputs=[table], outputs=[run_id])
-    run_id.change(lambda r: refresh_run(home, r), inputs=[run_id], outputs=run_outputs)
+    run_id.change(lambda r: refresh_run(home, r.strip()), inputs=[run_id], outputs=run_outputs)
     for control in (step, status):
         control.change(lambda s, st: runs_table(home, s, st), inputs=[step, status],
                        outputs=[table])
@@ -63,21 +63,16 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     resume.click(act(resume_run), inputs=[run_id], outputs=[run_id])
     delete.click(act(delete_run), inputs=[run_id], outputs=[run_id])
     timer = gr.Timer(2.0)
-    timer.tick(lambda s, st, r: (runs_table(home, s, st), *refresh_run(home, r)),
+    timer.tick(lambda s, st, r: (runs_table(home, s, st), *refresh_run(home, r.strip())),
                inputs=[step, status, run_id], outputs=[table, *run_outputs])
 
 
 def runs_table(home: Path, step: str = "", status: str = "") -> list[list[Any]]:
     with store.connect(home) as db:
         rows = store.list_runs(db, step=step or None, status=status or None, limit=200)
-    return [[r["id"], r["name"], r["step"], f"{views.STATUS_ICONS[r['status']]} {r['status']}",
+    return [[r["id"], r["name"], r["step"], r["status"],
              f"{100 * (r['progress'] or 0):.0f}%", r["created_at"][:19].replace("T", " "),
              views.duration(views.elapsed_s(r))] for r in rows]
-
-
-def run_choices(home: Path) -> list[str]:
-    with store.connect(home) as db:
-        return [r["id"] for r in store.list_runs(db, limit=200)]
 
 
 def select_row(table: Any, evt: gr.SelectData) -> str:
@@ -127,7 +122,7 @@ def rerun_run(runner: JobRunner, run_id: str) -> str:
         raise gr.Error("Pick a run first.")
     new_id = runner.rerun(run_id)
     gr.Info(f"Queued {new_id} with the same config as {run_id}.")
-    return gr.update(value=new_id, choices=run_choices(runner.home))
+    return new_id
 
 
 def resume_run(runner: JobRunner, run_id: str) -> str:
@@ -139,7 +134,7 @@ def resume_run(runner: JobRunner, run_id: str) -> str:
         raise gr.Error(f"{e}. Only a stopped run that saved checkpoints can resume; "
                        "use Re-run to start over.") from e
     gr.Info(f"Resuming {run_id} as {new_id}.")
-    return gr.update(value=new_id, choices=run_choices(runner.home))
+    return new_id
 
 
 def delete_run(runner: JobRunner, run_id: str) -> str:
@@ -148,7 +143,7 @@ def delete_run(runner: JobRunner, run_id: str) -> str:
     if not runner.delete(run_id):
         raise gr.Error(f"Run {run_id} is still queued or running: cancel it first.")
     gr.Info(f"Deleted run {run_id} and its files.")
-    return gr.update(value=None, choices=run_choices(runner.home))
+    return ""
 
 
 def _header_md(home: Path, row: dict[str, Any]) -> str:

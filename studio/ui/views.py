@@ -7,10 +7,6 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-STATUS_ICONS = {"queued": "⏳", "running": "🔄", "succeeded": "✅", "failed": "❌",
-                "canceled": "⏹️", "interrupted": "⚠️"}
-
-
 def elapsed_s(row: dict[str, Any]) -> float | None:
     if not row.get("started_at"):
         return None
@@ -47,7 +43,7 @@ def progress_html(row: dict[str, Any] | None) -> str:
     color = {"failed": "#d9534f", "canceled": "#999", "interrupted": "#f0ad4e"}.get(
         row["status"], "#3b82f6" if row["status"] != "succeeded" else "#22a06b")
     eta = eta_s(row)
-    parts = [f"{STATUS_ICONS.get(row['status'], '')} {row['status']}", f"{pct:.0f}%",
+    parts = [f"<b>{row['status']}</b>", f"{pct:.0f}%",
              html.escape(row.get("message") or "")]
     if elapsed_s(row) is not None:
         parts.append(f"elapsed {duration(elapsed_s(row))}")
@@ -66,7 +62,7 @@ def dataset_report_md(stats: dict[str, Any]) -> str:
     lines = [f"**{stats['rows_read']}** rows read · **{stats['rows_kept']}** kept · "
              f"**{dropped}** dropped · shape **{stats['shape']}**"]
     if stats.get("splits"):
-        lines.append("Splits: " + ", ".join(f"{k} **{v}**" for k, v in stats["splits"].items()))
+        lines.append("\n\nSplits: " + ", ".join(f"{k} **{v}**" for k, v in stats["splits"].items()))
     if stats.get("dropped"):
         lines.append("\n| dropped | rows | examples |\n|---|---|---|")
         for reason, n in stats["dropped"].items():
@@ -75,11 +71,11 @@ def dataset_report_md(stats: dict[str, Any]) -> str:
             lines.append(f"| {reason.replace('_', ' ')} | {n} | {_cell(examples)} |")
     tokens = stats.get("tokens")
     if tokens:
-        lines.append(f"\nTokens per row ({stats.get('tokenizer', '')} tokenizer, chat template "
+        lines.append(f"\n\nTokens per row ({stats.get('tokenizer', '')} tokenizer, chat template "
                      f"applied): min {tokens['min']} · mean {tokens['mean']} · p50 {tokens['p50']}"
                      f" · p95 {tokens['p95']} · max {tokens['max']} · total {tokens['total']}")
     if stats.get("roles"):
-        lines.append("Conversations with each role: " + ", ".join(
+        lines.append("\n\nConversations with each role: " + ", ".join(
             f"{k} {v}" for k, v in stats["roles"].items()) + " · turns per conversation: " +
             ", ".join(f"{k}: {v}" for k, v in stats.get("turns", {}).items()))
     if stats.get("labels"):

@@ -1,0 +1,65 @@
+"""Test setup: offline environment before anything imports transformers, and shared fixtures."""
+
+import os
+import tempfile
+
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                  GRADIO_ANALYTICS_ENABLED="False", HF_HOME=tempfile.mkdtemp(prefix="hf-home-"))
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from studio import store  # noqa: E402
+from studio.jobs import JobRunner  # noqa: E402
+
+FAKESITE = Path(__file__).parent / "fakesite"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    from tests.tiny import build_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-tokenizer")
+    build_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    store.init(home)
+    monkeypatch.setenv("STUDIO_HOME", str(home))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    return home
+
+
+@pytest.fixture
+def runner(home):
+    return JobRunner(home, inline=True)
+
+
+@pytest.fixture
+def fake_steps(monkeypatch):
+    """Register the fake step here and in every worker child (through tests/fakesite)."""
+    from pipelines import STEPS
+    from tests import fake_steps
+
+    monkeypatch.setitem(STEPS, "fake", fake_steps)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(FAKESITE), str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
+    return fake_steps
+
+
+@pytest.fixture
+def live_runner(home, fake_steps):
+    """A real runner: children are `python -m studio.worker` processes."""
+    runner = JobRunner(home, queues={"compute": 1, "network": 2, "data": 2}, grace_s=1.0,
+                       poll_s=0.05)
+    assert runner.start()
+    yield runner
+    runner.stop()
+    for proc in list(runner._procs.values()):
+        if hasattr(proc, "kill"):
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,111 @@
+"""Run store: migrations, guarded transitions, progress/events/metrics, lineage, deletion."""
+
+import itertools
+import json
+
+import pytest
+
+from studio import store
+
+
+def test_migrations_apply_twice_as_a_no_op(home):
+    store.init(home)  # the fixture already applied them once
+    with store.connect(home) as db:
+        assert [m.name for m in store.migrations.applied(db)] == ["0001_initial"]
+        assert {"runs", "run_events", "metrics", "artifacts", "run_inputs"} <= set(db.table_names())
+        assert db.execute("pragma journal_mode").fetchone()[0] == "wal"
+
+
+def _run_in(db, status):
+    """A run brought to `status` through legal transitions."""
+    run_id = store.create_run(db, "dataset", {}, queue="data")
+    path = {"queued": [], "running": ["running"], "succeeded": ["running", "succeeded"],
+            "failed": ["running", "failed"], "canceled": ["canceled"],
+            "interrupted": ["running", "interrupted"]}[status]
+    for step in path:
+        assert store.set_status(db, run_id, step)
+    return run_id
+
+
+LEGAL = {(src, dst) for dst, sources in store.ALLOWED_FROM.items() for src in sources}
+
+
+@pytest.mark.parametrize("source, target", list(itertools.product(store.STATUSES, repeat=2)))
+def test_every_transition_is_guarded(home, source, target):
+    if target == "queued":
+        pytest.skip("nothing moves back to queued")
+    with store.connect(home) as db:
+        run_id = _run_in(db, source)
+        moved = store.set_status(db, run_id, target)
+        assert moved is ((source, target) in LEGAL)
+        assert store.get_run(db, run_id)["status"] == (target if moved else source)
+
+
+def test_terminal_states_never_change(home):
+    with store.connect(home) as db:
+        for status in store.TERMINAL:
+            run_id = _run_in(db, status)
+            for target in store.ALLOWED_FROM:
+                assert not store.set_status(db, run_id, target)
+
+
+def test_late_progress_after_a_terminal_state_is_ignored(home):
+    with store.connect(home) as db:
+        run_id = _run_in(db, "running")
+        store.update_progress(db, run_id, 0.5, "half")
+        assert store.get_run(db, run_id)["progress"] == 0.5
+        store.set_status(db, run_id, "failed", error="x")
+        store.update_progress(db, run_id, 0.9, "late")
+        row = store.get_run(db, run_id)
+        assert (row["progress"], row["message"]) == (0.5, "half")
+
+
+def test_events_cursor_and_metrics_upsert(home):
+    with store.connect(home) as db:
+        run_id = _run_in(db, "running")
+        for i in range(5):
+            store.add_event(db, run_id, "log", f"line {i}")
+        first = store.events(db, run_id, 0, limit=2)
+        rest = store.events(db, run_id, first[-1]["id"])
+        assert [e["message"] for e in first + rest] == [f"line {i}" for i in range(5)]
+        store.record_metrics(db, run_id, 1, {"loss": 2.0})
+        store.record_metrics(db, run_id, 1, {"loss": 1.5, "lr": 0.1})
+        assert {(m["key"], m["value"]) for m in store.metrics(db, run_id)} == {("loss", 1.5),
+                                                                               ("lr", 0.1)}
+
+
+def test_lineage_links_runs_through_artifact_paths(home):
+    with store.connect(home) as db:
+        maker = _run_in(db, "running")
+        out = home / "runs" / maker / "out" / "dataset"
+        out.mkdir(parents=True)
+        (out / "train.jsonl").write_text("{}\n")
+        store.set_status(db, maker, "succeeded")
+        [artifact_id] = store.register_artifacts(db, home, maker, out.parent,
+                                                 [("dataset", "dataset", {"name": "d"})])
+        user = _run_in(db, "running")
+        store.record_inputs(db, home, user, {"dataset_dir": str(out / "train.jsonl"),
+                                             "other": "not a path", "n": 3})
+        assert store.lineage(db, user)["inputs"][0]["artifact_id"] == artifact_id
+        assert store.lineage(db, maker)["used_by"][0]["run_id"] == user
+        artifact = store.artifacts(db, run_id=maker)[0]
+        assert artifact["bytes"] == 3 and len(artifact["sha256"]) == 64
+        assert json.loads(artifact["meta_json"]) == {"name": "d"}
+
+
+def test_delete_hides_a_finished_run_and_frees_its_files(home):
+    with store.connect(home) as db:
+        running = _run_in(db, "running")
+        assert not store.mark_deleted(db, home, running)
+        done = _run_in(db, "succeeded")
+        (home / "runs" / done).mkdir(parents=True)
+        assert store.mark_deleted(db, home, done)
+        assert not (home / "runs" / done).exists()
+        assert [r["id"] for r in store.list_runs(db)] == [running]
+
+
+def test_run_ids_sort_in_submission_order(home):
+    with store.connect(home) as db:
+        ids = [store.create_run(db, "dataset", {}, queue="data") for _ in range(20)]
+        assert [r["id"] for r in reversed(store.list_runs(db))] == ids
+        assert len(set(ids)) == 20

@@ -62,6 +62,9 @@ def load_tokenizer(spec: str) -> Any:
         gguf = bundled_gguf()
         if gguf is not None:
             return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    folder = Path(spec).expanduser()
+    if folder.is_dir() and (folder / "tokenizer_config.json").exists():  # tokenizer-only folders too
+        return AutoTokenizer.from_pretrained(folder)
     path = Path(resolve_model(spec))
     if path.is_file():
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

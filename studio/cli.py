@@ -139,15 +139,15 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
     runner = JobRunner(settings.home, queues=settings.queues, grace_s=settings.cancel_grace_s)
+    with store.connect(settings.home) as db:
+        row = store.get_run(db, args.run_id)
+    if row is None:
+        print(f"error: no run {args.run_id}", file=sys.stderr)
+        return 1
     try:
         if args.action == "cancel":
             print(f"{args.run_id}: {runner.cancel(args.run_id)}")
             return 0
-        with store.connect(settings.home) as db:
-            row = store.get_run(db, args.run_id)
-        if row is None:
-            print(f"error: no run {args.run_id}", file=sys.stderr)
-            return 1
         if args.action == "rerun":
             return _submit(settings, row["step"], config_of(row), row["name"], args.follow,
                            depends_on=row["depends_on"])
@@ -235,3 +235,7 @@ def _absolute_paths(data: dict) -> dict:
             return [fix(v) for v in value]
         return value
     return {k: fix(v) for k, v in data.items()}
+
+
+if __name__ == "__main__":
+    main()

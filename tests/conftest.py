@@ -63,3 +63,8 @@ def live_runner(home, fake_steps):
         if hasattr(proc, "kill"):
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def events():
+    return []  # use events.append as the Reporter

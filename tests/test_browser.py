@@ -1,0 +1,91 @@
+"""A new user in headless Chromium: upload a file in the Data tab, find the import in the Runs tab,
+restart the studio and find it still there."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_app(home: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "STUDIO_HOME": str(home), "STUDIO_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the studio did not start within 60 s")
+
+
+@pytest.fixture
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is missing: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+def test_upload_import_and_find_it_in_the_runs_tab_after_a_restart(tmp_path, browser):
+    from playwright.sync_api import expect
+
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\n" + "".join(f"review number {i},{'good' if i % 3 else 'bad'}\n"
+                                             for i in range(30)))
+    home, port = tmp_path / "home", _free_port()
+    app = _start_app(home, port)
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.locator("#data-files input[type=file]").set_input_files(str(data))
+        expect(page.locator("#data-detected")).to_contain_text("classification", timeout=20_000)
+        expect(page.locator("#data-name textarea, #data-name input").first).to_have_value("reviews")
+        page.locator("#data-import").click()
+        expect(page.locator("#data-import-status")).to_contain_text("succeeded", timeout=90_000)
+        expect(page.get_by_text("30 rows read")).to_be_visible()
+        page.get_by_role("tab", name="Runs").click()
+        expect(page.locator("#runs-table")).to_contain_text("reviews", timeout=10_000)
+        expect(page.locator("#runs-table").get_by_text("succeeded").filter(visible=True).first
+               ).to_be_visible()
+        page.close()
+    finally:
+        app.terminate()
+        app.wait(10)
+    app = _start_app(home, port)  # restart: nothing is lost
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.get_by_role("tab", name="Runs").click()
+        cell = page.locator("#runs-table").get_by_text("reviews").filter(visible=True).first
+        cell.click(timeout=10_000)  # opens the run page
+        expect(page.locator("#run-header")).to_contain_text("reviews", timeout=10_000)
+        expect(page.locator("#run-summary")).to_contain_text("30 rows read", timeout=10_000)
+    finally:
+        app.terminate()
+        app.wait(10)

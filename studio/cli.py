@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slmops", description="SLMOps Studio command line.")
-    parser.add_argument("--home", help="studio data folder (default: $STUDIO_HOME or ./studio-data)")
+    parser.add_argument(
+        "--home", help="studio data folder (default: $STUDIO_HOME or ./studio-data)"
+    )
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("ui", help="start the web UI (same as python app.py)")
     p.set_defaults(func=cmd_ui)
@@ -52,20 +54,24 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="one run: status, config, summary, artifacts, lineage")
     p.add_argument("run_id")
     p.set_defaults(func=cmd_show)
-    for name, doc in (("cancel", "cancel a queued or running run"),
-                      ("rerun", "queue a new run with the same config"),
-                      ("resume", "continue a stopped run from its last checkpoint")):
+    for name, doc in (
+        ("cancel", "cancel a queued or running run"),
+        ("rerun", "queue a new run with the same config"),
+        ("resume", "continue a stopped run from its last checkpoint"),
+    ):
         p = sub.add_parser(name, help=doc)
         p.add_argument("run_id")
         p.add_argument("--follow", action="store_true", help="(rerun/resume) run it now")
         p.set_defaults(func=cmd_control, action=name)
-    data = sub.add_parser("dataset", help="dataset commands").add_subparsers(dest="dataset_command",
-                                                                             required=True)
+    data = sub.add_parser("dataset", help="dataset commands").add_subparsers(
+        dest="dataset_command", required=True
+    )
     p = data.add_parser("import", help="import files (or a Hub dataset) and print the report")
     p.add_argument("files", nargs="*", help="CSV, TSV, JSON, JSONL, Parquet or TXT files")
     p.add_argument("--name", required=True)
-    p.add_argument("--mapping", default="", help="role=column pairs, e.g. prompt=Question,"
-                                                 "response=Answer")
+    p.add_argument(
+        "--mapping", default="", help="role=column pairs, e.g. prompt=Question,response=Answer"
+    )
     p.add_argument("--shape", default="auto")
     p.add_argument("--system-prompt", default="")
     p.add_argument("--split", default="0.9,0.1,0", help="train,validation,test shares")
@@ -83,8 +89,10 @@ def cmd_ui(settings: Settings, args: argparse.Namespace) -> int:
     from studio.ui.app import launch
 
     store.init(settings.home)
-    print(f"SLMOps Studio: http://{settings.host}:{settings.port}  (data in {settings.home})",
-          flush=True)
+    print(
+        f"SLMOps Studio: http://{settings.host}:{settings.port}  (data in {settings.home})",
+        flush=True,
+    )
     launch(settings)
     return 0
 
@@ -105,8 +113,10 @@ def cmd_runs(settings: Settings, args: argparse.Namespace) -> int:
         rows = store.list_runs(db, step=args.step, status=args.status, limit=args.limit)
     print(f"{'run':<22} {'step':<10} {'status':<12} {'progress':>8}  name")
     for r in rows:
-        print(f"{r['id']:<22} {r['step']:<10} {r['status']:<12} "
-              f"{100 * (r['progress'] or 0):>7.0f}%  {r['name']}")
+        print(
+            f"{r['id']:<22} {r['step']:<10} {r['status']:<12} "
+            f"{100 * (r['progress'] or 0):>7.0f}%  {r['name']}"
+        )
     return 0
 
 
@@ -120,8 +130,10 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
         outputs = store.artifacts(db, run_id=args.run_id)
         links = store.lineage(db, args.run_id)
     print(f"{row['id']}  {row['step']}  {row['status']}  {row['name']}")
-    print(f"created {row['created_at']}  started {row['started_at']}  finished {row['finished_at']}"
-          f"  duration {views.duration(views.elapsed_s(row))}")
+    print(
+        f"created {row['created_at']}  started {row['started_at']}  finished {row['finished_at']}"
+        f"  duration {views.duration(views.elapsed_s(row))}"
+    )
     if row["error"]:
         print(f"error: {row['error']}")
     print("config:", json.dumps(json.loads(row["config_json"]), indent=2))
@@ -149,8 +161,14 @@ def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{args.run_id}: {runner.cancel(args.run_id)}")
             return 0
         if args.action == "rerun":
-            return _submit(settings, row["step"], config_of(row), row["name"], args.follow,
-                           depends_on=row["depends_on"])
+            return _submit(
+                settings,
+                row["step"],
+                config_of(row),
+                row["name"],
+                args.follow,
+                depends_on=row["depends_on"],
+            )
         run_id = runner.resume(args.run_id)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -169,12 +187,22 @@ def cmd_dataset_import(settings: Settings, args: argparse.Namespace) -> int:
             if not Path(path).is_file():
                 raise ValueError(f"{path}: file not found")
         config = DatasetConfig(
-            name=args.name, files=[str(Path(f).resolve()) for f in args.files],
-            hub_dataset=args.hub, hub_config=args.hub_config, hub_split=args.hub_split,
-            shape=args.shape, mapping=mapping, system_prompt=args.system_prompt,
-            tokenizer_model=args.tokenizer_model, max_tokens=args.max_tokens, seed=args.seed,
-            train_ratio=shares[0], validation_ratio=shares[1], test_ratio=shares[2],
-            max_file_mb=settings.max_upload_mb)
+            name=args.name,
+            files=[str(Path(f).resolve()) for f in args.files],
+            hub_dataset=args.hub,
+            hub_config=args.hub_config,
+            hub_split=args.hub_split,
+            shape=args.shape,
+            mapping=mapping,
+            system_prompt=args.system_prompt,
+            tokenizer_model=args.tokenizer_model,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+            train_ratio=shares[0],
+            validation_ratio=shares[1],
+            test_ratio=shares[2],
+            max_file_mb=settings.max_upload_mb,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -185,8 +213,9 @@ def cmd_dataset_import(settings: Settings, args: argparse.Namespace) -> int:
     return _submit(settings, "dataset", config, args.name, follow=True)
 
 
-def _submit(settings: Settings, step: str, config, name: str, follow: bool,
-            depends_on: str | None = None) -> int:
+def _submit(
+    settings: Settings, step: str, config, name: str, follow: bool, depends_on: str | None = None
+) -> int:
     runner = JobRunner(settings.home, queues=settings.queues, grace_s=settings.cancel_grace_s)
     run_id = runner.submit(step, config, name=name, depends_on=depends_on)
     print(f"queued {run_id}", flush=True)
@@ -217,8 +246,10 @@ def _follow(settings: Settings, run_id: str) -> int:
                 break
             time.sleep(0.3)
     if row["status"] != "succeeded":
-        print(f"error: run {run_id} {row['status']}: {row['error'] or row['message']}",
-              file=sys.stderr)
+        print(
+            f"error: run {run_id} {row['status']}: {row['error'] or row['message']}",
+            file=sys.stderr,
+        )
         return 1
     with store.connect(settings.home) as db:
         for a in store.artifacts(db, run_id=run_id):
@@ -228,12 +259,19 @@ def _follow(settings: Settings, run_id: str) -> int:
 
 def _absolute_paths(data: dict) -> dict:
     """Config values naming existing relative paths become absolute (the worker runs elsewhere)."""
+
     def fix(value):
-        if isinstance(value, str) and value and not Path(value).is_absolute() and Path(value).exists():
+        if (
+            isinstance(value, str)
+            and value
+            and not Path(value).is_absolute()
+            and Path(value).exists()
+        ):
             return str(Path(value).resolve())
         if isinstance(value, list):
             return [fix(v) for v in value]
         return value
+
     return {k: fix(v) for k, v in data.items()}
 
 

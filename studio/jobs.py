@@ -5,6 +5,7 @@ One runner per STUDIO_HOME executes runs (it holds runner.lock); other processes
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -33,8 +34,15 @@ KILL_AFTER_TERM_S = 5.0
 class JobRunner:
     """Owns execution: a thread that launches queued runs as `python -m studio.worker` children."""
 
-    def __init__(self, home: Path, *, queues: dict[str, int] | None = None, inline: bool = False,
-                 grace_s: float = 30.0, poll_s: float = 0.5):
+    def __init__(
+        self,
+        home: Path,
+        *,
+        queues: dict[str, int] | None = None,
+        inline: bool = False,
+        grace_s: float = 30.0,
+        poll_s: float = 0.5,
+    ):
         self.home = Path(home).resolve()
         self.queues = dict(queues or DEFAULT_QUEUES)
         self.inline, self.grace_s, self.poll_s = inline, grace_s, poll_s
@@ -47,16 +55,30 @@ class JobRunner:
 
     # --- what the UI and the CLI call ---------------------------------------------------------
 
-    def submit(self, step: str, config: Any, *, name: str = "", depends_on: str | None = None,
-               resumed_from: str | None = None) -> str:
+    def submit(
+        self,
+        step: str,
+        config: Any,
+        *,
+        name: str = "",
+        depends_on: str | None = None,
+        resumed_from: str | None = None,
+    ) -> str:
         """Record a queued run and wake the runner; returns the run id at once."""
         if step not in STEPS:
             raise ValueError(f"unknown step {step!r}; steps are {', '.join(STEPS)}")
         with store.connect(self.home) as db:
             if depends_on and store.get_run(db, depends_on) is None:
                 raise ValueError(f"depends_on: no run {depends_on!r}")
-            run_id = store.create_run(db, step, config_to_dict(config), queue=config.queue,
-                                      name=name, depends_on=depends_on, resumed_from=resumed_from)
+            run_id = store.create_run(
+                db,
+                step,
+                config_to_dict(config),
+                queue=config.queue,
+                name=name,
+                depends_on=depends_on,
+                resumed_from=resumed_from,
+            )
             run_dir = self.home / "runs" / run_id
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
@@ -68,8 +90,9 @@ class JobRunner:
     def cancel(self, run_id: str) -> str:
         """Cancel a queued run at once, or ask a running one to stop; returns what happened."""
         with store.connect(self.home) as db:
-            if store.set_status(db, run_id, "canceled", only_from=("queued",),
-                                message="canceled before it started"):
+            if store.set_status(
+                db, run_id, "canceled", only_from=("queued",), message="canceled before it started"
+            ):
                 store.add_event(db, run_id, "status", "canceled before it started")
                 return "canceled"
             if store.request_cancel(db, run_id):
@@ -159,8 +182,9 @@ class JobRunner:
         self._reap(db)
         self._escalate_cancels(db)
         running: dict[str, int] = {}
-        for row in db.query("select queue, count(*) as n from runs where status = 'running' "
-                            "group by queue"):
+        for row in db.query(
+            "select queue, count(*) as n from runs where status = 'running' group by queue"
+        ):
             running[row["queue"]] = row["n"]
         for row in store.queued_runs(db):
             if running.get(row["queue"], 0) >= self.queues.get(row["queue"], 1):
@@ -179,11 +203,21 @@ class JobRunner:
         if parent and parent["status"] in ("queued", "running"):
             store.set_queued_message(db, row["id"], f"waiting for run {parent['id']}")
             return False
-        state = "was deleted" if parent and parent["deleted"] else \
-            f"ended {parent['status']}" if parent else "does not exist"
-        store.set_status(db, row["id"], "failed", message="its input run did not succeed",
-                         error=f"run {row['depends_on']}, whose output this run needs, {state}. "
-                               "Re-run it, then re-run this one.")
+        state = (
+            "was deleted"
+            if parent and parent["deleted"]
+            else f"ended {parent['status']}"
+            if parent
+            else "does not exist"
+        )
+        store.set_status(
+            db,
+            row["id"],
+            "failed",
+            message="its input run did not succeed",
+            error=f"run {row['depends_on']}, whose output this run needs, {state}. "
+            "Re-run it, then re-run this one.",
+        )
         return False
 
     def _launch(self, db, run_id: str) -> bool:
@@ -191,16 +225,25 @@ class JobRunner:
             return False  # canceled meanwhile
         run_dir = self.home / "runs" / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "STUDIO_HOME": str(self.home), "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
-                                                           os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "STUDIO_HOME": str(self.home),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
+            ),
+        }
         try:
             with open(run_dir / "log.txt", "ab") as log_file:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "studio.worker", run_id, "--home", str(self.home)],
-                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
                     start_new_session=True,  # outlives a restart of the web process
-                    env=env, cwd=PROJECT_ROOT)
+                    env=env,
+                    cwd=PROJECT_ROOT,
+                )
         except OSError as e:
             store.set_status(db, run_id, "failed", error=f"could not start the worker: {e}")
             return False
@@ -227,11 +270,18 @@ class JobRunner:
                     store.add_event(db, run_id, "status", "stopped by the user")
                 else:
                     tail = _log_tail(self.home / "runs" / run_id / "log.txt")
-                    store.set_status(db, run_id, "failed", traceback=tail, message="failed",
-                                     error=f"the worker process exited (code {code}) without "
-                                           "finishing; see the log")
-                    store.add_event(db, run_id, "status", f"worker exited with code {code}",
-                                    level="error")
+                    store.set_status(
+                        db,
+                        run_id,
+                        "failed",
+                        traceback=tail,
+                        message="failed",
+                        error=f"the worker process exited (code {code}) without "
+                        "finishing; see the log",
+                    )
+                    store.add_event(
+                        db, run_id, "status", f"worker exited with code {code}", level="error"
+                    )
 
     def _escalate_cancels(self, db) -> None:
         """Cooperative cancel first; after the grace period SIGTERM the group, then SIGKILL."""
@@ -244,10 +294,13 @@ class JobRunner:
             if row["id"] not in self._terminated and now - asked > self.grace_s:
                 _signal_group(pid, signal.SIGTERM)
                 self._terminated[row["id"]] = now
-                store.add_event(db, row["id"], "status", "did not stop in time; terminating",
-                                level="warning")
-            elif row["id"] in self._terminated and now - self._terminated[row["id"]] > \
-                    KILL_AFTER_TERM_S:
+                store.add_event(
+                    db, row["id"], "status", "did not stop in time; terminating", level="warning"
+                )
+            elif (
+                row["id"] in self._terminated
+                and now - self._terminated[row["id"]] > KILL_AFTER_TERM_S
+            ):
                 _signal_group(pid, signal.SIGKILL)
 
     def _run_inline(self, db, run_id: str) -> None:
@@ -267,25 +320,30 @@ def config_of(row: dict[str, Any]) -> Any:
 def resumable(home: Path, row: dict[str, Any]) -> bool:
     """A stopped run that saved checkpoints can continue from them."""
     checkpoints = Path(home) / "runs" / row["id"] / "out" / CHECKPOINT_DIR
-    return row["status"] in ("interrupted", "canceled", "failed") and not row["deleted"] and \
-        checkpoints.is_dir() and any(checkpoints.iterdir())
+    return (
+        row["status"] in ("interrupted", "canceled", "failed")
+        and not row["deleted"]
+        and checkpoints.is_dir()
+        and any(checkpoints.iterdir())
+    )
 
 
 def worker_alive(pid: int, run_id: str) -> bool:
     """Is `pid` still the worker of `run_id` (not a finished one, nor a reused pid)?"""
     try:
         proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and "studio.worker" in proc.cmdline() \
+        return (
+            proc.status() != psutil.STATUS_ZOMBIE
+            and "studio.worker" in proc.cmdline()
             and run_id in proc.cmdline()
+        )
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)  # the worker leads its own session, so its group id is its pid
-    except ProcessLookupError:
-        pass
 
 
 def _parse_time(text: str | None) -> float:

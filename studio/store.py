@@ -32,28 +32,61 @@ migrations = Migrations("slmops_studio")
 @migrations(name="0001_initial")
 def _initial(db: Database) -> None:
     db["runs"].create(
-        {"id": str, "step": str, "name": str, "status": str, "queue": str, "config_json": str,
-         "depends_on": str, "resumed_from": str, "created_at": str, "started_at": str,
-         "finished_at": str, "progress": float, "message": str, "error": str, "traceback": str,
-         "cancel_requested": int, "cancel_requested_at": str, "pid": int, "summary_json": str,
-         "deleted": int},
-        pk="id", not_null=["step", "status", "queue", "config_json", "created_at"],
+        {
+            "id": str,
+            "step": str,
+            "name": str,
+            "status": str,
+            "queue": str,
+            "config_json": str,
+            "depends_on": str,
+            "resumed_from": str,
+            "created_at": str,
+            "started_at": str,
+            "finished_at": str,
+            "progress": float,
+            "message": str,
+            "error": str,
+            "traceback": str,
+            "cancel_requested": int,
+            "cancel_requested_at": str,
+            "pid": int,
+            "summary_json": str,
+            "deleted": int,
+        },
+        pk="id",
+        not_null=["step", "status", "queue", "config_json", "created_at"],
         defaults={"cancel_requested": 0, "deleted": 0, "progress": 0.0, "message": ""},
     )
     db["runs"].create_index(["status", "queue", "created_at"])
     db["run_events"].create(
         {"id": int, "run_id": str, "ts": str, "kind": str, "level": str, "message": str},
-        pk="id", foreign_keys=[("run_id", "runs", "id")], not_null=["run_id", "kind"],
+        pk="id",
+        foreign_keys=[("run_id", "runs", "id")],
+        not_null=["run_id", "kind"],
     )
     db["run_events"].create_index(["run_id", "id"])
     db["metrics"].create(
         {"run_id": str, "key": str, "step": int, "value": float, "ts": str},
-        pk=("run_id", "key", "step"), foreign_keys=[("run_id", "runs", "id")],
+        pk=("run_id", "key", "step"),
+        foreign_keys=[("run_id", "runs", "id")],
     )
     db["artifacts"].create(
-        {"id": int, "run_id": str, "kind": str, "name": str, "path": str, "bytes": int,
-         "sha256": str, "meta_json": str, "created_at": str, "deleted": int},
-        pk="id", foreign_keys=[("run_id", "runs", "id")], defaults={"deleted": 0},
+        {
+            "id": int,
+            "run_id": str,
+            "kind": str,
+            "name": str,
+            "path": str,
+            "bytes": int,
+            "sha256": str,
+            "meta_json": str,
+            "created_at": str,
+            "deleted": int,
+        },
+        pk="id",
+        foreign_keys=[("run_id", "runs", "id")],
+        defaults={"deleted": 0},
     )
     db["artifacts"].create_index(["kind", "created_at"])
     db["run_inputs"].create(
@@ -107,16 +140,33 @@ def keep_uploads(home: Path, paths: list[str]) -> list[str]:
 
 # --- runs -------------------------------------------------------------------------------------
 
-def create_run(db: Database, step: str, config: dict[str, Any], *, queue: str, name: str = "",
-               depends_on: str | None = None, resumed_from: str | None = None) -> str:
+
+def create_run(
+    db: Database,
+    step: str,
+    config: dict[str, Any],
+    *,
+    queue: str,
+    name: str = "",
+    depends_on: str | None = None,
+    resumed_from: str | None = None,
+) -> str:
     run_id = new_run_id()
     while db["runs"].count_where("id = ?", [run_id]):
         run_id = new_run_id()
-    db["runs"].insert({
-        "id": run_id, "step": step, "name": name or step, "status": "queued", "queue": queue,
-        "config_json": json.dumps(config, ensure_ascii=False), "depends_on": depends_on,
-        "resumed_from": resumed_from, "created_at": utc_now(),
-    })
+    db["runs"].insert(
+        {
+            "id": run_id,
+            "step": step,
+            "name": name or step,
+            "status": "queued",
+            "queue": queue,
+            "config_json": json.dumps(config, ensure_ascii=False),
+            "depends_on": depends_on,
+            "resumed_from": resumed_from,
+            "created_at": utc_now(),
+        }
+    )
     return run_id
 
 
@@ -125,8 +175,14 @@ def get_run(db: Database, run_id: str) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
-def list_runs(db: Database, *, step: str | None = None, status: str | None = None,
-              include_deleted: bool = False, limit: int = 500) -> list[dict[str, Any]]:
+def list_runs(
+    db: Database,
+    *,
+    step: str | None = None,
+    status: str | None = None,
+    include_deleted: bool = False,
+    limit: int = 500,
+) -> list[dict[str, Any]]:
     where, params = [], []
     if step:
         where.append("step = ?")
@@ -136,8 +192,11 @@ def list_runs(db: Database, *, step: str | None = None, status: str | None = Non
         params.append(status)
     if not include_deleted:
         where.append("deleted = 0")
-    return list(db["runs"].rows_where(" and ".join(where) or None, params,
-                                      order_by="created_at desc, id desc", limit=limit))
+    return list(
+        db["runs"].rows_where(
+            " and ".join(where) or None, params, order_by="created_at desc, id desc", limit=limit
+        )
+    )
 
 
 def queued_runs(db: Database) -> list[dict[str, Any]]:
@@ -145,8 +204,9 @@ def queued_runs(db: Database) -> list[dict[str, Any]]:
     return list(db["runs"].rows_where("status = 'queued'", order_by="created_at, id"))
 
 
-def set_status(db: Database, run_id: str, status: str, *, only_from: tuple[str, ...] = (),
-               **fields: Any) -> bool:
+def set_status(
+    db: Database, run_id: str, status: str, *, only_from: tuple[str, ...] = (), **fields: Any
+) -> bool:
     """Move a run to `status` if that transition is legal; False means nothing changed.
 
     `only_from` narrows the legal source states (cancel moves only queued runs directly).
@@ -157,8 +217,10 @@ def set_status(db: Database, run_id: str, status: str, *, only_from: tuple[str, 
     # Column names come from this module's callers, never from user input.
     columns = ", ".join(f"[{name}] = ?" for name in values)
     placeholders = ", ".join("?" for _ in sources)
-    cursor = db.execute(f"update runs set {columns} where id = ? and status in ({placeholders})",
-                        [*values.values(), run_id, *sources])
+    cursor = db.execute(
+        f"update runs set {columns} where id = ? and status in ({placeholders})",
+        [*values.values(), run_id, *sources],
+    )
     return cursor.rowcount == 1
 
 
@@ -168,20 +230,27 @@ def set_pid(db: Database, run_id: str, pid: int) -> None:
 
 def update_progress(db: Database, run_id: str, progress: float | None, message: str) -> None:
     # A late write after a terminal state matches no row and is dropped.
-    db.execute("update runs set progress = coalesce(?, progress), message = ? "
-               "where id = ? and status = 'running'", [progress, message, run_id])
+    db.execute(
+        "update runs set progress = coalesce(?, progress), message = ? "
+        "where id = ? and status = 'running'",
+        [progress, message, run_id],
+    )
 
 
 def set_queued_message(db: Database, run_id: str, message: str) -> None:
     """Say why a queued run has not started (e.g. it waits for another run)."""
-    db.execute("update runs set message = ? where id = ? and status = 'queued' and message != ?",
-               [message, run_id, message])
+    db.execute(
+        "update runs set message = ? where id = ? and status = 'queued' and message != ?",
+        [message, run_id, message],
+    )
 
 
 def request_cancel(db: Database, run_id: str) -> bool:
-    cursor = db.execute("update runs set cancel_requested = 1, cancel_requested_at = ? "
-                        "where id = ? and status = 'running' and cancel_requested = 0",
-                        [utc_now(), run_id])
+    cursor = db.execute(
+        "update runs set cancel_requested = 1, cancel_requested_at = ? "
+        "where id = ? and status = 'running' and cancel_requested = 0",
+        [utc_now(), run_id],
+    )
     return cursor.rowcount == 1
 
 
@@ -193,8 +262,11 @@ def cancel_requested(db: Database, run_id: str) -> bool:
 def mark_deleted(db: Database, home: Path, run_id: str) -> bool:
     """Hide a finished run and free its files; the row stays so that lineage still resolves."""
     with db.atomic():
-        cursor = db.execute("update runs set deleted = 1 where id = ? and status in "
-                            f"({', '.join('?' for _ in TERMINAL)})", [run_id, *TERMINAL])
+        cursor = db.execute(
+            "update runs set deleted = 1 where id = ? and status in "
+            f"({', '.join('?' for _ in TERMINAL)})",
+            [run_id, *TERMINAL],
+        )
         if cursor.rowcount != 1:
             return False
         db.execute("update artifacts set deleted = 1 where run_id = ?", [run_id])
@@ -203,30 +275,41 @@ def mark_deleted(db: Database, home: Path, run_id: str) -> bool:
 
 
 def reconcile(db: Database, is_alive) -> tuple[list[str], list[dict[str, Any]]]:
-    """After a restart: runs whose worker is gone become interrupted; return (interrupted, alive)."""
+    """After a restart: runs whose worker is gone become interrupted; -> (interrupted, alive)."""
     interrupted, alive = [], []
     for row in db["runs"].rows_where("status = 'running'"):
         if row["pid"] and is_alive(row["pid"], row["id"]):
             alive.append(row)
-        elif set_status(db, row["id"], "interrupted",
-                        message="the studio stopped while this run was working"):
-            add_event(db, row["id"], "status", "interrupted: its worker process was gone "
-                      "after a restart", level="warning")
+        elif set_status(
+            db, row["id"], "interrupted", message="the studio stopped while this run was working"
+        ):
+            add_event(
+                db,
+                row["id"],
+                "status",
+                "interrupted: its worker process was gone after a restart",
+                level="warning",
+            )
             interrupted.append(row["id"])
     return interrupted, alive
 
 
 # --- events and metrics -----------------------------------------------------------------------
 
+
 def add_event(db: Database, run_id: str, kind: str, message: str, level: str = "info") -> None:
-    db["run_events"].insert({"run_id": run_id, "ts": utc_now(), "kind": kind, "level": level,
-                             "message": message})
+    db["run_events"].insert(
+        {"run_id": run_id, "ts": utc_now(), "kind": kind, "level": level, "message": message}
+    )
 
 
 def events(db: Database, run_id: str, after_id: int = 0, limit: int = 500) -> list[dict[str, Any]]:
     """Events with id > after_id (the UI's cursor), oldest first."""
-    return list(db["run_events"].rows_where("run_id = ? and id > ?", [run_id, after_id],
-                                            order_by="id", limit=limit))
+    return list(
+        db["run_events"].rows_where(
+            "run_id = ? and id > ?", [run_id, after_id], order_by="id", limit=limit
+        )
+    )
 
 
 def last_events(db: Database, run_id: str, limit: int = 200) -> list[dict[str, Any]]:
@@ -237,8 +320,12 @@ def last_events(db: Database, run_id: str, limit: int = 200) -> list[dict[str, A
 def record_metrics(db: Database, run_id: str, step: int, values: dict[str, float]) -> None:
     now = utc_now()
     db["metrics"].upsert_all(
-        [{"run_id": run_id, "key": k, "step": step, "value": float(v), "ts": now}
-         for k, v in values.items()], pk=("run_id", "key", "step"))
+        [
+            {"run_id": run_id, "key": k, "step": step, "value": float(v), "ts": now}
+            for k, v in values.items()
+        ],
+        pk=("run_id", "key", "step"),
+    )
 
 
 def metrics(db: Database, run_id: str) -> list[dict[str, Any]]:
@@ -247,17 +334,32 @@ def metrics(db: Database, run_id: str) -> list[dict[str, Any]]:
 
 # --- artifacts and lineage --------------------------------------------------------------------
 
-def register_artifacts(db: Database, home: Path, run_id: str, workdir: Path,
-                       artifacts: Iterable[tuple[str, str, dict[str, Any]]]) -> list[int]:
+
+def register_artifacts(
+    db: Database,
+    home: Path,
+    run_id: str,
+    workdir: Path,
+    artifacts: Iterable[tuple[str, str, dict[str, Any]]],
+) -> list[int]:
     """Record a succeeded run's outputs (paths relative to workdir) with size and sha256."""
     home = Path(home).resolve()
     rows = []
     for kind, relpath, meta in artifacts:
         path = (Path(workdir) / relpath).resolve()
         size, digest = _size_and_hash(path)
-        rows.append({"run_id": run_id, "kind": kind, "name": meta.get("name") or path.name,
-                     "path": str(path.relative_to(home)), "bytes": size, "sha256": digest,
-                     "meta_json": json.dumps(meta, ensure_ascii=False), "created_at": utc_now()})
+        rows.append(
+            {
+                "run_id": run_id,
+                "kind": kind,
+                "name": meta.get("name") or path.name,
+                "path": str(path.relative_to(home)),
+                "bytes": size,
+                "sha256": digest,
+                "meta_json": json.dumps(meta, ensure_ascii=False),
+                "created_at": utc_now(),
+            }
+        )
     ids = []
     with db.atomic():
         for row in rows:
@@ -265,8 +367,9 @@ def register_artifacts(db: Database, home: Path, run_id: str, workdir: Path,
     return ids
 
 
-def artifacts(db: Database, *, kind: str | None = None, run_id: str | None = None
-              ) -> list[dict[str, Any]]:
+def artifacts(
+    db: Database, *, kind: str | None = None, run_id: str | None = None
+) -> list[dict[str, Any]]:
     where, params = ["deleted = 0"], []
     if kind:
         where.append("kind = ?")
@@ -290,20 +393,30 @@ def record_inputs(db: Database, home: Path, run_id: str, config: dict[str, Any])
             for artifact_id, artifact_path in known:
                 if path == artifact_path or artifact_path in path.parents:
                     links.add((artifact_id, role))
-    db["run_inputs"].insert_all([{"run_id": run_id, "artifact_id": a, "role": r}
-                                 for a, r in sorted(links)], ignore=True)
+    db["run_inputs"].insert_all(
+        [{"run_id": run_id, "artifact_id": a, "role": r} for a, r in sorted(links)], ignore=True
+    )
 
 
 def lineage(db: Database, run_id: str) -> dict[str, list[dict[str, Any]]]:
     """What a run consumed (with the runs that made it) and which runs used its outputs."""
-    inputs = list(db.query(
-        "select i.role, a.id as artifact_id, a.kind, a.name, a.run_id as made_by "
-        "from run_inputs i join artifacts a on a.id = i.artifact_id where i.run_id = ? "
-        "order by a.id", [run_id]))
-    used_by = list(db.query(
-        "select i.run_id, r.step, r.status, i.role, a.name as artifact "
-        "from artifacts a join run_inputs i on i.artifact_id = a.id join runs r on r.id = i.run_id "
-        "where a.run_id = ? order by i.run_id", [run_id]))
+    inputs = list(
+        db.query(
+            "select i.role, a.id as artifact_id, a.kind, a.name, a.run_id as made_by "
+            "from run_inputs i join artifacts a on a.id = i.artifact_id where i.run_id = ? "
+            "order by a.id",
+            [run_id],
+        )
+    )
+    used_by = list(
+        db.query(
+            "select i.run_id, r.step, r.status, i.role, a.name as artifact "
+            "from artifacts a join run_inputs i on i.artifact_id = a.id "
+            "join runs r on r.id = i.run_id "
+            "where a.run_id = ? order by i.run_id",
+            [run_id],
+        )
+    )
     return {"inputs": inputs, "used_by": used_by}
 
 

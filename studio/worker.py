@@ -14,8 +14,16 @@ import traceback
 from pathlib import Path
 
 from pipelines import STEPS
-from pipelines.base import (CHECKPOINT_DIR, Cancelled, Event, Log, Metrics, Progress, StepError,
-                            config_from_dict)
+from pipelines.base import (
+    CHECKPOINT_DIR,
+    Cancelled,
+    Event,
+    Log,
+    Metrics,
+    Progress,
+    StepError,
+    config_from_dict,
+)
 from studio import store
 
 
@@ -76,14 +84,26 @@ def execute(home: Path, run_id: str) -> int:
             return 1
         except Exception as e:  # the one broad except: any crash becomes a failed run, not a hang
             tb = traceback.format_exc()
-            store.set_status(db, run_id, "failed", error=f"{type(e).__name__}: {e}",
-                             traceback="\n".join(tb.splitlines()[-200:]), message="failed")
+            store.set_status(
+                db,
+                run_id,
+                "failed",
+                error=f"{type(e).__name__}: {e}",
+                traceback="\n".join(tb.splitlines()[-200:]),
+                message="failed",
+            )
             store.add_event(db, run_id, "status", f"failed: {type(e).__name__}: {e}", level="error")
             print(tb, flush=True)
             return 1
         with db.atomic():  # succeeded and its artifacts land together, or not at all
-            if store.set_status(db, run_id, "succeeded", progress=1.0, message="done",
-                                summary_json=json.dumps(result.summary, ensure_ascii=False)):
+            if store.set_status(
+                db,
+                run_id,
+                "succeeded",
+                progress=1.0,
+                message="done",
+                summary_json=json.dumps(result.summary, ensure_ascii=False),
+            ):
                 store.register_artifacts(db, home, run_id, workdir, result.artifacts)
         store.add_event(db, run_id, "status", "succeeded")
         return 0

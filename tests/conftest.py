@@ -3,8 +3,13 @@
 import os
 import tempfile
 
-os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                  GRADIO_ANALYTICS_ENABLED="False", HF_HOME=tempfile.mkdtemp(prefix="hf-home-"))
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    GRADIO_ANALYTICS_ENABLED="False",
+    HF_HOME=tempfile.mkdtemp(prefix="hf-home-"),
+)
 
 from pathlib import Path  # noqa: E402
 
@@ -46,16 +51,21 @@ def fake_steps(monkeypatch):
     from tests import fake_steps
 
     monkeypatch.setitem(STEPS, "fake", fake_steps)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(FAKESITE), str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv(
+        "PYTHONPATH",
+        os.pathsep.join(
+            [str(FAKESITE), str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
     return fake_steps
 
 
 @pytest.fixture
 def live_runner(home, fake_steps):
     """A real runner: children are `python -m studio.worker` processes."""
-    runner = JobRunner(home, queues={"compute": 1, "network": 2, "data": 2}, grace_s=1.0,
-                       poll_s=0.05)
+    runner = JobRunner(
+        home, queues={"compute": 1, "network": 2, "data": 2}, grace_s=1.0, poll_s=0.05
+    )
     assert runner.start()
     yield runner
     runner.stop()

@@ -42,5 +42,6 @@ def run(config: FakeConfig, workdir: Path, report) -> StepResult:
     if config.crash:
         raise RuntimeError("boom")
     (workdir / "result.txt").write_text("ok")
-    return StepResult(artifacts=[("text", "result.txt", {"name": "result"})],
-                      summary={"started_at_step": start})
+    return StepResult(
+        artifacts=[("text", "result.txt", {"name": "result"})], summary={"started_at_step": start}
+    )

@@ -10,17 +10,21 @@ import pytest
 from pipelines import STEPS
 
 ROOT = Path(__file__).resolve().parent.parent
-PIPELINE_MODULES = ["pipelines", "pipelines.base", "pipelines.models",
-                    *[f"pipelines.{s}" for s in STEPS]]
-WEB_MODULES = ["app", "studio.ui.app", "studio.store", "studio.jobs", "studio.cli",
-               "studio.worker"]
+PIPELINE_MODULES = [
+    "pipelines",
+    "pipelines.base",
+    "pipelines.models",
+    *[f"pipelines.{s}" for s in STEPS],
+]
+WEB_MODULES = ["app", "studio.ui.app", "studio.store", "studio.jobs", "studio.cli", "studio.worker"]
 HEAVY = ["torch", "transformers", "peft", "trl", "datasets", "onnxruntime_genai", "bitsandbytes"]
 
 
 def _modules_after_import(module: str) -> set[str]:
     code = f"import sys, {module}; print(' '.join(sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     return {name.split(".")[0] for name in out.split()}
 
 
@@ -50,8 +54,20 @@ def test_every_step_is_documented_in_the_readme(step):
 
 def test_readme_file_tree_lists_every_source_file():
     readme = (ROOT / "README.md").read_text()
-    tracked = subprocess.run(["git", "ls-files", "studio", "pipelines", "bench", "app.py"],
-                             cwd=ROOT, capture_output=True, text=True).stdout.split()
-    missing = [p for p in tracked if p.endswith(".py") and not p.endswith("__init__.py")
-               and Path(p).name not in readme]
+    tracked = subprocess.run(
+        ["git", "ls-files", "studio", "pipelines", "bench", "app.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    missing = [
+        p
+        for p in tracked
+        if p.endswith(".py") and not p.endswith("__init__.py") and Path(p).name not in readme
+    ]
     assert not missing, f"add these to the README file tree: {missing}"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert command in (ROOT / "README.md").read_text()

@@ -13,8 +13,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +34,13 @@ def _free_port() -> int:
 
 def _start_app(home: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "STUDIO_HOME": str(home), "STUDIO_PORT": str(port)}
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "app.py"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -56,8 +68,10 @@ def test_upload_import_and_find_it_in_the_runs_tab_after_a_restart(tmp_path, bro
     from playwright.sync_api import expect
 
     data = tmp_path / "reviews.csv"
-    data.write_text("text,label\n" + "".join(f"review number {i},{'good' if i % 3 else 'bad'}\n"
-                                             for i in range(30)))
+    data.write_text(
+        "text,label\n"
+        + "".join(f"review number {i},{'good' if i % 3 else 'bad'}\n" for i in range(30))
+    )
     home, port = tmp_path / "home", _free_port()
     app = _start_app(home, port)
     try:
@@ -71,8 +85,9 @@ def test_upload_import_and_find_it_in_the_runs_tab_after_a_restart(tmp_path, bro
         expect(page.get_by_text("30 rows read")).to_be_visible()
         page.get_by_role("tab", name="Runs").click()
         expect(page.locator("#runs-table")).to_contain_text("reviews", timeout=10_000)
-        expect(page.locator("#runs-table").get_by_text("succeeded").filter(visible=True).first
-               ).to_be_visible()
+        expect(
+            page.locator("#runs-table").get_by_text("succeeded").filter(visible=True).first
+        ).to_be_visible()
         page.close()
     finally:
         app.terminate()

@@ -36,28 +36,57 @@ def _parquet(path, rows):
 
 
 def _config(files, tokenizer, **kwargs):
-    return DatasetConfig(name="test", files=[str(f) for f in files], tokenizer_model=str(tokenizer),
-                         **kwargs)
+    return DatasetConfig(
+        name="test", files=[str(f) for f in files], tokenizer_model=str(tokenizer), **kwargs
+    )
 
 
 SHAPE_FILES = {
     "messages": lambda p: _jsonl(p / "chat.jsonl", [{"messages": CHAT, "id": i} for i in range(4)]),
-    "sharegpt": lambda p: (p / "sg.json").write_text(json.dumps([
-        {"conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": "yo"}]}
-        for i in range(4)])) and p / "sg.json",
-    "alpaca": lambda p: (p / "alpaca.json").write_text(json.dumps({"version": 1, "data": [
-        {"instruction": f"do {i}", "input": "x", "output": "done"} for i in range(4)]}))
-        and p / "alpaca.json",
-    "prompt_completion": lambda p: _csv(p / "pc.csv", ["prompt", "completion"],
-                                        [[f"p{i}", "c"] for i in range(4)]),
-    "prompt_response": lambda p: _csv(p / "pr.tsv", ["Prompt", "Response"],
-                                      [[f"p{i}", "r"] for i in range(4)], delimiter="\t"),
-    "question_answer": lambda p: _parquet(p / "qa.parquet", [
-        {"question": f"q{i}", "answer": "a", "context": "ctx"} for i in range(4)]),
-    "classification": lambda p: _csv(p / "cls.csv", ["text", "label"],
-                                     [[f"t{i}", "good" if i % 2 else "bad"] for i in range(4)]),
-    "text": lambda p: (p / "raw.txt").write_text("first paragraph\nline two\n\nsecond one\n")
-        and p / "raw.txt",
+    "sharegpt": lambda p: (
+        (p / "sg.json").write_text(
+            json.dumps(
+                [
+                    {
+                        "conversations": [
+                            {"from": "human", "value": f"hi {i}"},
+                            {"from": "gpt", "value": "yo"},
+                        ]
+                    }
+                    for i in range(4)
+                ]
+            )
+        )
+        and p / "sg.json"
+    ),
+    "alpaca": lambda p: (
+        (p / "alpaca.json").write_text(
+            json.dumps(
+                {
+                    "version": 1,
+                    "data": [
+                        {"instruction": f"do {i}", "input": "x", "output": "done"} for i in range(4)
+                    ],
+                }
+            )
+        )
+        and p / "alpaca.json"
+    ),
+    "prompt_completion": lambda p: _csv(
+        p / "pc.csv", ["prompt", "completion"], [[f"p{i}", "c"] for i in range(4)]
+    ),
+    "prompt_response": lambda p: _csv(
+        p / "pr.tsv", ["Prompt", "Response"], [[f"p{i}", "r"] for i in range(4)], delimiter="\t"
+    ),
+    "question_answer": lambda p: _parquet(
+        p / "qa.parquet", [{"question": f"q{i}", "answer": "a", "context": "ctx"} for i in range(4)]
+    ),
+    "classification": lambda p: _csv(
+        p / "cls.csv", ["text", "label"], [[f"t{i}", "good" if i % 2 else "bad"] for i in range(4)]
+    ),
+    "text": lambda p: (
+        (p / "raw.txt").write_text("first paragraph\nline two\n\nsecond one\n") and p / "raw.txt"
+    ),
 }
 EXPECTED_SHAPE = {"prompt_response": "prompt_completion"}
 
@@ -65,27 +94,35 @@ EXPECTED_SHAPE = {"prompt_response": "prompt_completion"}
 @pytest.mark.parametrize("kind", SHAPE_FILES)
 def test_every_shape_is_detected_and_normalized(kind, tmp_path, tiny_tokenizer_dir, events):
     path = SHAPE_FILES[kind](tmp_path)
-    result = dataset.run(_config([path], tiny_tokenizer_dir, validation_ratio=0.5,
-                                 train_ratio=0.5), tmp_path / "out", events.append)
+    result = dataset.run(
+        _config([path], tiny_tokenizer_dir, validation_ratio=0.5, train_ratio=0.5),
+        tmp_path / "out",
+        events.append,
+    )
     stats = result.summary
     assert stats["shape"] == EXPECTED_SHAPE.get(kind, kind)
     folder = tmp_path / "out" / "dataset"
-    rows = [json.loads(line) for s in ("train", "validation")
-            for line in (folder / f"{s}.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for s in ("train", "validation")
+        for line in (folder / f"{s}.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == stats["rows_kept"] > 0
     for row in rows:
         roles = [m["role"] for m in row["messages"]]
         assert roles[-1] == "assistant" and all(m["content"] for m in row["messages"])
-    assert (folder / "stats.json").exists() and "content hash" in (folder / "README.md").read_text(
-        ).lower()
+    assert (folder / "stats.json").exists() and "content hash" in (
+        folder / "README.md"
+    ).read_text().lower()
     done = [e.done for e in events if isinstance(e, Progress)]
     assert done == sorted(done) and done[-1] == 1000
 
 
 def test_original_columns_and_system_prompt_are_kept(tmp_path, tiny_tokenizer_dir, events):
     path = _jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a", "source": "wiki"}])
-    dataset.run(_config([path], tiny_tokenizer_dir, system_prompt="be brief"), tmp_path / "o",
-                events.append)
+    dataset.run(
+        _config([path], tiny_tokenizer_dir, system_prompt="be brief"), tmp_path / "o", events.append
+    )
     row = json.loads((tmp_path / "o" / "dataset" / "train.jsonl").read_text())
     assert row["source"] == "wiki" and row["question"] == "q"
     assert row["messages"][0] == {"role": "system", "content": "be brief"}
@@ -98,32 +135,49 @@ def test_every_drop_reason_is_counted_with_examples(tmp_path, tiny_tokenizer_dir
         {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]},
         {"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]},
         {"messages": [{"role": "user", "content": "only a question"}]},
-        {"messages": [{"role": "user", "content": "long " * 50},
-                      {"role": "assistant", "content": "x"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "long " * 50},
+                {"role": "assistant", "content": "x"},
+            ]
+        },
     ]
     path = _jsonl(tmp_path / "d.jsonl", rows)
     with path.open("a") as f:
         f.write("{not json\n")
-    stats = dataset.run(_config([path], tiny_tokenizer_dir, max_tokens=20), tmp_path / "o",
-                        events.append).summary
+    stats = dataset.run(
+        _config([path], tiny_tokenizer_dir, max_tokens=20), tmp_path / "o", events.append
+    ).summary
     assert stats["rows_read"] == 7 and stats["rows_kept"] == 1
-    assert stats["dropped"] == {"malformed": 1, "missing_field": 1, "empty": 1, "invalid_role": 1,
-                                "too_long": 1, "duplicate": 1}
+    assert stats["dropped"] == {
+        "malformed": 1,
+        "missing_field": 1,
+        "empty": 1,
+        "invalid_role": 1,
+        "too_long": 1,
+        "duplicate": 1,
+    }
     assert stats["drop_examples"]["malformed"][0]["where"] == "d.jsonl line 7"
     assert "wizard" in stats["drop_examples"]["invalid_role"][0]["detail"]
     assert "too long" in dataset.format_report(stats)
 
 
 def test_split_is_seeded_and_stratified(tmp_path, tiny_tokenizer_dir, events):
-    path = _csv(tmp_path / "c.csv", ["text", "label"],
-                [[f"row {i}", "good" if i < 80 else "bad"] for i in range(100)])
-    config = _config([path], tiny_tokenizer_dir, train_ratio=0.7, validation_ratio=0.2,
-                     test_ratio=0.1)
+    path = _csv(
+        tmp_path / "c.csv",
+        ["text", "label"],
+        [[f"row {i}", "good" if i < 80 else "bad"] for i in range(100)],
+    )
+    config = _config(
+        [path], tiny_tokenizer_dir, train_ratio=0.7, validation_ratio=0.2, test_ratio=0.1
+    )
     stats = dataset.run(config, tmp_path / "a", events.append).summary
     assert stats["splits"] == {"train": 70, "validation": 20, "test": 10}
     assert stats["labels"] == {"good": 80, "bad": 20}
-    validation = [json.loads(x)["label"] for x in
-                  (tmp_path / "a" / "dataset" / "validation.jsonl").read_text().splitlines()]
+    validation = [
+        json.loads(x)["label"]
+        for x in (tmp_path / "a" / "dataset" / "validation.jsonl").read_text().splitlines()
+    ]
     assert validation.count("bad") == 4  # 20% of each label
     again = dataset.run(config, tmp_path / "b", events.append).summary
     assert again["content_hash"] == stats["content_hash"]
@@ -133,9 +187,16 @@ def test_manual_mapping_overrides_detection(tmp_path, tiny_tokenizer_dir, events
     path = _csv(tmp_path / "odd.csv", ["Frage", "Antwort"], [["wie", "so"], ["was", "das"]])
     with pytest.raises(StepError, match="can't tell the shape"):
         dataset.run(_config([path], tiny_tokenizer_dir), tmp_path / "o", events.append)
-    stats = dataset.run(_config([path], tiny_tokenizer_dir, shape="question_answer",
-                                mapping={"prompt": "Frage", "response": "Antwort"}),
-                        tmp_path / "o", events.append).summary
+    stats = dataset.run(
+        _config(
+            [path],
+            tiny_tokenizer_dir,
+            shape="question_answer",
+            mapping={"prompt": "Frage", "response": "Antwort"},
+        ),
+        tmp_path / "o",
+        events.append,
+    ).summary
     assert stats["rows_kept"] == 2 and stats["shape"] == "question_answer"
     found = dataset.preview([str(path)], "auto", {"prompt": "Frage", "response": "Antwort"})
     assert found["examples"][0]["messages"][1]["content"] == "so"
@@ -152,8 +213,11 @@ def test_utf16_with_bom_and_several_files(tmp_path, tiny_tokenizer_dir, events):
 BAD_FILES = {
     "empty": (lambda p: p / "e.csv", b"", "e.csv is empty"),
     "binary": (lambda p: p / "b.jsonl", b"\x00\x01\x02PK\x03\x04" * 50, "looks binary"),
-    "latin-1": (lambda p: p / "l.csv", "text,label\ncaf\xe9,good\n".encode("latin-1"),
-                "not valid UTF-8"),
+    "latin-1": (
+        lambda p: p / "l.csv",
+        "text,label\ncaf\xe9,good\n".encode("latin-1"),
+        "not valid UTF-8",
+    ),
     "broken json": (lambda p: p / "j.json", b'[{"text": "a"},\n{"text": "b",\n', "near line"),
     "unsupported": (lambda p: p / "x.xlsx", b"PK\x03\x04", "unsupported file type '.xlsx'"),
     "fake parquet": (lambda p: p / "f.parquet", b"text,label\n", "not a Parquet file"),
@@ -164,8 +228,9 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("kind", BAD_FILES)
-def test_bad_input_gets_a_clear_message_and_registers_nothing(kind, home, runner,
-                                                              tiny_tokenizer_dir, tmp_path):
+def test_bad_input_gets_a_clear_message_and_registers_nothing(
+    kind, home, runner, tiny_tokenizer_dir, tmp_path
+):
     make, content, message = BAD_FILES[kind]
     path = make(tmp_path)
     path.write_bytes(content)
@@ -201,14 +266,17 @@ def test_hub_dataset_fails_at_once_offline(home, runner):
         assert "offline" in store.get_run(db, run_id)["error"]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"files": []}, "files is empty"),
-    ({"shape": "weird"}, "shape must be"),
-    ({"mapping": {"colour": "x"}}, "unknown roles"),
-    ({"train_ratio": 0.5}, "must be 1"),
-    ({"max_tokens": -1}, "max_tokens must be >= 0"),
-    ({"name": " "}, "name must not be empty"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"files": []}, "files is empty"),
+        ({"shape": "weird"}, "shape must be"),
+        ({"mapping": {"colour": "x"}}, "unknown roles"),
+        ({"train_ratio": 0.5}, "must be 1"),
+        ({"max_tokens": -1}, "max_tokens must be >= 0"),
+        ({"name": " "}, "name must not be empty"),
+    ],
+)
 def test_config_validation_names_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DatasetConfig(**{"name": "x", "files": ["a.csv"], **kwargs})
@@ -239,6 +307,12 @@ def test_sample_dataset_is_a_checkable_task():
     with dataset.SAMPLE_DATASET.open() as f:
         rows = list(csv.DictReader(f))
     labels = {r["label"] for r in rows}
-    assert len(rows) >= 300 and labels == {"billing", "shipping", "returns", "account",
-                                           "technical", "product"}
+    assert len(rows) >= 300 and labels == {
+        "billing",
+        "shipping",
+        "returns",
+        "account",
+        "technical",
+        "product",
+    }
     assert all(label in dataset.SAMPLE_SYSTEM_PROMPT for label in labels)

@@ -24,11 +24,14 @@ def _wait_for(predicate, timeout=20.0):
     raise AssertionError("condition not reached in time")
 
 
-@pytest.mark.parametrize("kwargs, status, error", [
-    ({}, "succeeded", None),
-    ({"fail": True}, "failed", "asked to fail"),
-    ({"crash": True}, "failed", "RuntimeError: boom"),
-])
+@pytest.mark.parametrize(
+    "kwargs, status, error",
+    [
+        ({}, "succeeded", None),
+        ({"fail": True}, "failed", "asked to fail"),
+        ({"crash": True}, "failed", "RuntimeError: boom"),
+    ],
+)
 def test_inline_run_reaches_its_final_status(home, runner, fake_steps, kwargs, status, error):
     run_id = runner.submit("fake", fake_steps.FakeConfig(steps=2, **kwargs))
     row = _row(home, run_id)
@@ -60,11 +63,15 @@ def test_child_process_runs_and_registers_lineage(home, live_runner, fake_steps)
 
 
 def test_queues_honour_their_limits(home, live_runner, fake_steps):
-    compute = [live_runner.submit("fake", fake_steps.FakeConfig(steps=3, sleep_s=0.15))
-               for _ in range(3)]
-    network = [live_runner.submit("fake", fake_steps.FakeConfig(steps=3, sleep_s=0.15,
-                                                               queue_name="network"))
-               for _ in range(3)]
+    compute = [
+        live_runner.submit("fake", fake_steps.FakeConfig(steps=3, sleep_s=0.15)) for _ in range(3)
+    ]
+    network = [
+        live_runner.submit(
+            "fake", fake_steps.FakeConfig(steps=3, sleep_s=0.15, queue_name="network")
+        )
+        for _ in range(3)
+    ]
     peak = {"compute": 0, "network": 0}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -84,10 +91,12 @@ def test_queues_honour_their_limits(home, live_runner, fake_steps):
 
 
 def test_a_run_waits_for_the_run_it_depends_on(home, live_runner, fake_steps):
-    parent = live_runner.submit("fake", fake_steps.FakeConfig(steps=4, sleep_s=0.2,
-                                                             queue_name="network"))
-    child = live_runner.submit("fake", fake_steps.FakeConfig(queue_name="network"),
-                               depends_on=parent)
+    parent = live_runner.submit(
+        "fake", fake_steps.FakeConfig(steps=4, sleep_s=0.2, queue_name="network")
+    )
+    child = live_runner.submit(
+        "fake", fake_steps.FakeConfig(queue_name="network"), depends_on=parent
+    )
     _wait_for(lambda: _row(home, parent)["status"] == "running")
     time.sleep(0.3)
     assert _row(home, child)["status"] == "queued"
@@ -114,8 +123,9 @@ def test_cancel_a_running_child_cooperatively(home, live_runner, fake_steps):
     assert live_runner.cancel(run_id) == "finished"
 
 
-def test_a_child_that_ignores_cancel_is_terminated_after_the_grace_period(home, live_runner,
-                                                                          fake_steps):
+def test_a_child_that_ignores_cancel_is_terminated_after_the_grace_period(
+    home, live_runner, fake_steps
+):
     run_id = live_runner.submit("fake", fake_steps.FakeConfig(silent_sleep_s=60))
     _wait_for(lambda: _row(home, run_id)["pid"] is not None)
     time.sleep(0.5)
@@ -132,8 +142,9 @@ def test_kill_9_of_a_child_while_the_runner_lives_fails_the_run(home, live_runne
     assert row["status"] == "failed" and "exited" in row["error"]
 
 
-def test_kill_9_while_the_studio_is_down_gives_interrupted_then_resume(home, live_runner,
-                                                                        fake_steps):
+def test_kill_9_while_the_studio_is_down_gives_interrupted_then_resume(
+    home, live_runner, fake_steps
+):
     run_id = live_runner.submit("fake", fake_steps.FakeConfig(steps=100, sleep_s=0.05))
     _wait_for(lambda: (_row(home, run_id)["progress"] or 0) >= 0.05)
     live_runner.stop()  # the web process goes away; its child keeps working
@@ -151,6 +162,7 @@ def test_kill_9_while_the_studio_is_down_gives_interrupted_then_resume(home, liv
         final = restarted.wait(resumed, 30)
         assert final["status"] == "succeeded" and final["resumed_from"] == run_id
         import json
+
         assert json.loads(final["summary_json"])["started_at_step"] >= checkpoints
     finally:
         restarted.stop()

@@ -14,11 +14,14 @@ def test_local_model_folder_resolves(tmp_path):
     assert models.resolve_model(str(tmp_path)) == str(tmp_path)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("owner/model", "Hub is offline"),
-    ("./no/such/folder", "not found"),
-    ("a/b/c", "not found"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("owner/model", "Hub is offline"),
+        ("./no/such/folder", "not found"),
+        ("a/b/c", "not found"),
+    ],
+)
 def test_unusable_specs_fail_at_once_with_a_reason(spec, message):
     started = time.monotonic()
     with pytest.raises(StepError, match=message):
@@ -44,8 +47,9 @@ def test_bundled_model_is_converted_once_and_reused(home):
     assert models.resolve_model("bundled") == str(folder)
     assert time.monotonic() - started < 1  # cached: no second conversion
     tokenizer = models.load_tokenizer("bundled")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("<|im_start|>assistant\n")
     from transformers import AutoModelForCausalLM
 

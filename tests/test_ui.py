@@ -21,13 +21,32 @@ def settings(home):
 
 def _import(runner, settings, files, tokenizer, name="support", **overrides):
     values = {"roles": [""] * ROLES, "system": "", "shares": (0.9, 0.1, 0.0)} | overrides
-    advanced = {"tokenizer_model": str(tokenizer), "max_tokens": 2048, "drop_duplicates": True,
-                "seed": 42, "max_rows": 0}
-    names = [f.name for f in dataclasses.fields(dataset.DatasetConfig)
-             if f.name not in data_tab.HAND_LAID]
-    return data_tab.submit_import(runner, settings, files, "", "", "train", name, "auto",
-                                  *values["roles"], values["system"], *values["shares"],
-                                  *[advanced[n] for n in names])
+    advanced = {
+        "tokenizer_model": str(tokenizer),
+        "max_tokens": 2048,
+        "drop_duplicates": True,
+        "seed": 42,
+        "max_rows": 0,
+    }
+    names = [
+        f.name
+        for f in dataclasses.fields(dataset.DatasetConfig)
+        if f.name not in data_tab.HAND_LAID
+    ]
+    return data_tab.submit_import(
+        runner,
+        settings,
+        files,
+        "",
+        "",
+        "train",
+        name,
+        "auto",
+        *values["roles"],
+        values["system"],
+        *values["shares"],
+        *[advanced[n] for n in names],
+    )
 
 
 def test_upload_detects_shape_mapping_and_suggests_a_system_prompt():
@@ -70,8 +89,13 @@ def test_import_from_the_tab_runs_and_shows_the_report(home, runner, settings, t
 
 def test_import_refuses_bad_forms_with_gr_error(runner, settings, tiny_tokenizer_dir, tmp_path):
     with pytest.raises(gr.Error, match="must be 1"):
-        _import(runner, settings, [str(dataset.SAMPLE_DATASET)], tiny_tokenizer_dir,
-                shares=(0.5, 0.1, 0.0))
+        _import(
+            runner,
+            settings,
+            [str(dataset.SAMPLE_DATASET)],
+            tiny_tokenizer_dir,
+            shares=(0.5, 0.1, 0.0),
+        )
     big = tmp_path / "big.csv"
     big.write_bytes(b"text,label\n" + b"x,y\n" * 300_000)
     with pytest.raises(gr.Error, match="over the 1 MB upload limit"):
@@ -85,8 +109,9 @@ def test_runs_tab_lists_refreshes_and_controls_runs(home, runner, settings, fake
     rows = runs_tab.runs_table(home)
     assert rows[0][:4] == [run_id, "first", "fake", "succeeded"]
     assert runs_tab.runs_table(home, status="failed") == []
-    header, progress, summary, plot, log, config, command, artifacts = \
-        runs_tab.refresh_run(home, run_id)
+    header, progress, summary, plot, log, config, command, artifacts = runs_tab.refresh_run(
+        home, run_id
+    )
     assert "first" in header and "100%" in progress and "started_at_step" in summary
     assert list(plot["key"].unique()) == ["loss"] and len(plot) == 3
     assert "succeeded" in log and json.loads(config)["steps"] == 3

@@ -9,9 +9,11 @@ from studio.jobs import JobRunner
 from studio.settings import Settings
 from studio.ui import data_tab, runs_tab
 
-INTRO = ("# SLMOps Studio\nA small language model's whole life in your browser. Every step runs in "
-         "the background: close the tab or restart the studio, and your runs are still here "
-         "(the **Runs** tab).")
+INTRO = (
+    "# SLMOps Studio\nA small language model's whole life in your browser. Every step runs in "
+    "the background: close the tab or restart the studio, and your runs are still here "
+    "(the **Runs** tab)."
+)
 
 
 def build_app(settings: Settings, runner: JobRunner) -> gr.Blocks:
@@ -30,11 +32,18 @@ def launch(settings: Settings, **kwargs) -> gr.Blocks:
     """Start the job runner and serve the UI (blocks unless prevent_thread_lock=True)."""
     runner = JobRunner(settings.home, queues=settings.queues, grace_s=settings.cancel_grace_s)
     if not runner.start():
-        print(f"Another studio process executes the runs of {settings.home}; this one only "
-              "submits them.", flush=True)
+        print(
+            f"Another studio process executes the runs of {settings.home}; this one only "
+            "submits them.",
+            flush=True,
+        )
     demo = build_app(settings, runner)
     demo.queue(default_concurrency_limit=8)
-    demo.launch(server_name=settings.host, server_port=settings.port,
-                max_file_size=f"{settings.max_upload_mb}mb",
-                allowed_paths=[str(SAMPLE_DATASET.parent)], **kwargs)
+    demo.launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        max_file_size=f"{settings.max_upload_mb}mb",
+        allowed_paths=[str(SAMPLE_DATASET.parent)],
+        **kwargs,
+    )
     return demo

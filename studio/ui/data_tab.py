@@ -18,38 +18,80 @@ from studio.settings import Settings
 from studio.ui import forms, views
 
 MAPPING_ROLES = ("messages", "prompt", "input", "response", "text", "label", "system")
-ROLE_LABELS = {"messages": "Messages / conversations column", "prompt": "Prompt column",
-               "input": "Extra input column", "response": "Answer column", "text": "Text column",
-               "label": "Label column", "system": "System prompt column"}
-HAND_LAID = ("name", "files", "hub_dataset", "hub_config", "hub_split", "shape", "mapping",
-             "system_prompt", "train_ratio", "validation_ratio", "test_ratio", "max_file_mb")
+ROLE_LABELS = {
+    "messages": "Messages / conversations column",
+    "prompt": "Prompt column",
+    "input": "Extra input column",
+    "response": "Answer column",
+    "text": "Text column",
+    "label": "Label column",
+    "system": "System prompt column",
+}
+HAND_LAID = (
+    "name",
+    "files",
+    "hub_dataset",
+    "hub_config",
+    "hub_split",
+    "shape",
+    "mapping",
+    "system_prompt",
+    "train_ratio",
+    "validation_ratio",
+    "test_ratio",
+    "max_file_mb",
+)
 PAGE_SIZE = 10
 
 
 def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
-    gr.Markdown("Upload CSV, TSV, JSON, JSONL, Parquet or TXT files. The studio detects the shape "
-                "(chat messages, ShareGPT, Alpaca, prompt/completion, question/answer, "
-                "classification or raw text) and turns every row into a chat conversation.")
+    gr.Markdown(
+        "Upload CSV, TSV, JSON, JSONL, Parquet or TXT files. The studio detects the shape "
+        "(chat messages, ShareGPT, Alpaca, prompt/completion, question/answer, "
+        "classification or raw text) and turns every row into a chat conversation."
+    )
     with gr.Row():
         with gr.Column(scale=3):
-            files = gr.File(label="Files", file_count="multiple", type="filepath",
-                            file_types=list(dataset.FILE_TYPES), elem_id="data-files")
-            sample = gr.Button("Use the sample dataset (360 support messages, 6 intents)",
-                               size="sm", elem_id="data-sample")
-        with gr.Column(scale=2), gr.Accordion("…or a Hugging Face Hub dataset (online)", open=False):
+            files = gr.File(
+                label="Files",
+                file_count="multiple",
+                type="filepath",
+                file_types=list(dataset.FILE_TYPES),
+                elem_id="data-files",
+            )
+            sample = gr.Button(
+                "Use the sample dataset (360 support messages, 6 intents)",
+                size="sm",
+                elem_id="data-sample",
+            )
+        with (
+            gr.Column(scale=2),
+            gr.Accordion("…or a Hugging Face Hub dataset (online)", open=False),
+        ):
             hub_dataset = gr.Textbox(**forms.field_kwargs(DatasetConfig, "hub_dataset"))
             hub_config = gr.Textbox(**forms.field_kwargs(DatasetConfig, "hub_config"))
             hub_split = gr.Textbox(**forms.field_kwargs(DatasetConfig, "hub_split"))
     detected = gr.Markdown(elem_id="data-detected")
     with gr.Accordion("Column mapping", open=True):
-        shape = gr.Dropdown(choices=["auto", *dataset.SHAPES], value="auto", label="Shape",
-                            info="How rows are read; 'auto' picks it from the column names.")
+        shape = gr.Dropdown(
+            choices=["auto", *dataset.SHAPES],
+            value="auto",
+            label="Shape",
+            info="How rows are read; 'auto' picks it from the column names.",
+        )
         with gr.Row():
-            roles = [gr.Dropdown(choices=[""], value="", label=ROLE_LABELS[r], allow_custom_value=True)
-                     for r in MAPPING_ROLES]
+            roles = [
+                gr.Dropdown(choices=[""], value="", label=ROLE_LABELS[r], allow_custom_value=True)
+                for r in MAPPING_ROLES
+            ]
         system_prompt = gr.Textbox(lines=2, **forms.field_kwargs(DatasetConfig, "system_prompt"))
-    preview_table = gr.Dataframe(headers=["#", "conversation"], label="Preview (first rows)",
-                                 wrap=True, line_breaks=True, interactive=False)
+    preview_table = gr.Dataframe(
+        headers=["#", "conversation"],
+        label="Preview (first rows)",
+        wrap=True,
+        line_breaks=True,
+        interactive=False,
+    )
     with gr.Row():
         name = gr.Textbox(**forms.field_kwargs(DatasetConfig, "name"), elem_id="data-name")
         train = gr.Number(**forms.field_kwargs(DatasetConfig, "train_ratio"))
@@ -64,35 +106,66 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
 
     gr.Markdown("### Imported datasets")
     with gr.Row():
-        chosen = gr.Dropdown(label="Dataset", choices=dataset_choices(home), value=None, scale=3,
-                             elem_id="data-chosen")
+        chosen = gr.Dropdown(
+            label="Dataset",
+            choices=dataset_choices(home),
+            value=None,
+            scale=3,
+            elem_id="data-chosen",
+        )
         split = gr.Radio(choices=list(dataset.SPLITS), value="train", label="Split", scale=2)
         page = gr.Number(value=1, precision=0, label="Page", minimum=1, scale=1)
     dataset_info = gr.Markdown()
-    dataset_rows = gr.Dataframe(headers=["#", "conversation"], wrap=True, line_breaks=True,
-                                interactive=False)
+    dataset_rows = gr.Dataframe(
+        headers=["#", "conversation"], wrap=True, line_breaks=True, interactive=False
+    )
 
     mapping_outputs = [detected, shape, *roles, system_prompt, preview_table, name]
     files.upload(inspect_upload, inputs=[files], outputs=mapping_outputs)
     sample.click(lambda: [str(SAMPLE_DATASET)], outputs=[files]).then(
-        inspect_upload, inputs=[files], outputs=mapping_outputs)
+        inspect_upload, inputs=[files], outputs=mapping_outputs
+    )
     for control in (shape, *roles):
-        control.input(apply_mapping, inputs=[files, shape, *roles, system_prompt],
-                      outputs=[detected, preview_table])
+        control.input(
+            apply_mapping,
+            inputs=[files, shape, *roles, system_prompt],
+            outputs=[detected, preview_table],
+        )
 
     def on_submit(*values):
         return submit_import(runner, settings, *values)
 
-    submit.click(on_submit, inputs=[files, hub_dataset, hub_config, hub_split, name, shape, *roles,
-                                    system_prompt, train, validation, test, *advanced.values()],
-                 outputs=[import_run, import_status])
+    submit.click(
+        on_submit,
+        inputs=[
+            files,
+            hub_dataset,
+            hub_config,
+            hub_split,
+            name,
+            shape,
+            *roles,
+            system_prompt,
+            train,
+            validation,
+            test,
+            *advanced.values(),
+        ],
+        outputs=[import_run, import_status],
+    )
     timer = gr.Timer(1.0)
-    timer.tick(lambda run_id: refresh_import(home, run_id), inputs=[import_run],
-               outputs=[import_status, import_report, chosen])
+    timer.tick(
+        lambda run_id: refresh_import(home, run_id),
+        inputs=[import_run],
+        outputs=[import_status, import_report, chosen],
+    )
     chosen.focus(lambda: gr.update(choices=dataset_choices(home)), outputs=[chosen])
     for control in (chosen, split, page):
-        control.change(lambda a, s, p: show_dataset(home, a, s, p), inputs=[chosen, split, page],
-                       outputs=[dataset_info, dataset_rows])
+        control.change(
+            lambda a, s, p: show_dataset(home, a, s, p),
+            inputs=[chosen, split, page],
+            outputs=[dataset_info, dataset_rows],
+        )
 
 
 def inspect_upload(files: list[str] | str | None) -> tuple:
@@ -106,16 +179,26 @@ def inspect_upload(files: list[str] | str | None) -> tuple:
     except StepError as e:
         return (f"⚠️ {e}", "auto", *blank, "", [], Path(paths[0]).stem)
     choices = ["", *found["columns"]]
-    updates = tuple(gr.update(choices=choices, value=found["mapping"].get(r, ""))
-                    for r in MAPPING_ROLES)
+    updates = tuple(
+        gr.update(choices=choices, value=found["mapping"].get(r, "")) for r in MAPPING_ROLES
+    )
     system = ""
     if Path(paths[0]).resolve() == SAMPLE_DATASET.resolve():
         system = SAMPLE_SYSTEM_PROMPT
     elif found["labels"]:
-        system = ("Classify the text. Answer with exactly one of these labels: "
-                  + ", ".join(found["labels"]) + ".")
-    return (_detected_md(found, paths), found["shape"], *updates, system,
-            _preview_rows(found["examples"]), Path(paths[0]).stem)
+        system = (
+            "Classify the text. Answer with exactly one of these labels: "
+            + ", ".join(found["labels"])
+            + "."
+        )
+    return (
+        _detected_md(found, paths),
+        found["shape"],
+        *updates,
+        system,
+        _preview_rows(found["examples"]),
+        Path(paths[0]).stem,
+    )
 
 
 def apply_mapping(files: list[str] | str | None, shape: str, *values: str) -> tuple[str, list]:
@@ -132,30 +215,46 @@ def apply_mapping(files: list[str] | str | None, shape: str, *values: str) -> tu
     return _detected_md(found, paths), _preview_rows(found["examples"])
 
 
-def submit_import(runner: JobRunner, settings: Settings, files: list[str] | str | None,
-                  hub_dataset: str, hub_config: str, hub_split: str, name: str, shape: str,
-                  *values: Any) -> tuple[str, str]:
+def submit_import(
+    runner: JobRunner,
+    settings: Settings,
+    files: list[str] | str | None,
+    hub_dataset: str,
+    hub_config: str,
+    hub_split: str,
+    name: str,
+    shape: str,
+    *values: Any,
+) -> tuple[str, str]:
     """Validate the form, copy the uploads into STUDIO_HOME and queue a dataset run."""
-    role_values = values[:len(MAPPING_ROLES)]
-    system_prompt, train, validation, test = values[len(MAPPING_ROLES):len(MAPPING_ROLES) + 4]
-    advanced_values = values[len(MAPPING_ROLES) + 4:]
+    role_values = values[: len(MAPPING_ROLES)]
+    system_prompt, train, validation, test = values[len(MAPPING_ROLES) : len(MAPPING_ROLES) + 4]
+    advanced_values = values[len(MAPPING_ROLES) + 4 :]
     paths = _paths(files)
     for path in paths:
         size_mb = Path(path).stat().st_size / 2**20
         if size_mb > settings.max_upload_mb:
-            raise gr.Error(f"{Path(path).name} is {size_mb:.0f} MB, over the {settings.max_upload_mb}"
-                           " MB upload limit. Split it into smaller files.")
+            raise gr.Error(
+                f"{Path(path).name} is {size_mb:.0f} MB, over the {settings.max_upload_mb}"
+                " MB upload limit. Split it into smaller files."
+            )
     names = [f.name for f in dataclasses.fields(DatasetConfig) if f.name not in HAND_LAID]
     try:
         config = DatasetConfig(
             name=(name or "").strip() or (Path(paths[0]).stem if paths else hub_dataset or ""),
-            files=paths, hub_dataset=(hub_dataset or "").strip(), hub_config=hub_config or "",
-            hub_split=hub_split or "train", shape=shape or "auto",
+            files=paths,
+            hub_dataset=(hub_dataset or "").strip(),
+            hub_config=hub_config or "",
+            hub_split=hub_split or "train",
+            shape=shape or "auto",
             mapping={r: v for r, v in zip(MAPPING_ROLES, role_values) if v},
-            system_prompt=system_prompt or "", train_ratio=float(train or 0),
-            validation_ratio=float(validation or 0), test_ratio=float(test or 0),
+            system_prompt=system_prompt or "",
+            train_ratio=float(train or 0),
+            validation_ratio=float(validation or 0),
+            test_ratio=float(test or 0),
             max_file_mb=settings.max_upload_mb,
-            **forms.values_to_kwargs(DatasetConfig, names, advanced_values))
+            **forms.values_to_kwargs(DatasetConfig, names, advanced_values),
+        )
     except (ValueError, TypeError) as e:
         raise gr.Error(f"Can't import: {e}") from e
     if paths:  # Gradio's temp copies can vanish; the run reads its own copy
@@ -163,8 +262,10 @@ def submit_import(runner: JobRunner, settings: Settings, files: list[str] | str 
     run_id = runner.submit("dataset", config, name=config.name)
     with store.connect(runner.home) as db:
         row = store.get_run(db, run_id)
-    return run_id, f"Queued import run <code>{run_id}</code> (see the Runs tab)." + \
-        views.progress_html(row)
+    return (
+        run_id,
+        f"Queued import run <code>{run_id}</code> (see the Runs tab)." + views.progress_html(row),
+    )
 
 
 def refresh_import(home: Path, run_id: str) -> tuple:
@@ -190,13 +291,19 @@ def dataset_choices(home: Path) -> list[tuple[str, int]]:
     choices = []
     for a in rows:
         meta = json.loads(a["meta_json"] or "{}")
-        choices.append((f"{a['name']} · {meta.get('rows', '?')} rows · {a['created_at'][:16]} "
-                        f"· run {a['run_id']}", a["id"]))
+        choices.append(
+            (
+                f"{a['name']} · {meta.get('rows', '?')} rows · {a['created_at'][:16]} "
+                f"· run {a['run_id']}",
+                a["id"],
+            )
+        )
     return choices
 
 
-def show_dataset(home: Path, artifact_id: int | None, split: str, page: float | None
-                 ) -> tuple[str, list]:
+def show_dataset(
+    home: Path, artifact_id: int | None, split: str, page: float | None
+) -> tuple[str, list]:
     """A dataset's statistics and one page of one split."""
     if not artifact_id:
         return "", []
@@ -210,10 +317,15 @@ def show_dataset(home: Path, artifact_id: int | None, split: str, page: float | 
     items = dataset.read_split(folder, split, (page - 1) * PAGE_SIZE, PAGE_SIZE)
     count = stats.get("splits", {}).get(split, 0)
     pages = max(1, -(-count // PAGE_SIZE))
-    info = (f"`{folder}`\n\n" + views.dataset_report_md(stats) +
-            f"\n\n**{split}**: page {page} of {pages}")
-    return info, [[(page - 1) * PAGE_SIZE + i + 1, views.conversation_text(r["messages"])]
-                  for i, r in enumerate(items)]
+    info = (
+        f"`{folder}`\n\n"
+        + views.dataset_report_md(stats)
+        + f"\n\n**{split}**: page {page} of {pages}"
+    )
+    return info, [
+        [(page - 1) * PAGE_SIZE + i + 1, views.conversation_text(r["messages"])]
+        for i, r in enumerate(items)
+    ]
 
 
 def _paths(files: list[str] | str | None) -> list[str]:
@@ -226,8 +338,10 @@ def _paths(files: list[str] | str | None) -> list[str]:
 def _detected_md(found: dict[str, Any], paths: list[str]) -> str:
     mapping = ", ".join(f"{role} ← `{col}`" for role, col in found["mapping"].items())
     problems = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in found["problems"].items())
-    text = (f"Detected shape **{found['shape']}** in `{Path(paths[0]).name}` "
-            f"(columns: {', '.join(f'`{c}`' for c in found['columns'])}); mapping: {mapping}.")
+    text = (
+        f"Detected shape **{found['shape']}** in `{Path(paths[0]).name}` "
+        f"(columns: {', '.join(f'`{c}`' for c in found['columns'])}); mapping: {mapping}."
+    )
     if found["labels"]:
         text += f" Labels seen: {', '.join(found['labels'])}."
     if problems:

@@ -18,18 +18,26 @@ def field_kwargs(config_cls: type, name: str) -> dict[str, Any]:
         default = f.default
     elif f.default_factory is not dataclasses.MISSING:
         default = f.default_factory()
-    return {"label": f.metadata.get("label", name.replace("_", " ").capitalize()),
-            "info": f.metadata.get("help"), "value": default}
+    return {
+        "label": f.metadata.get("label", name.replace("_", " ").capitalize()),
+        "info": f.metadata.get("help"),
+        "value": default,
+    }
 
 
-def build_form(config_cls: type, exclude: Collection[str] = ()) -> dict[str, gr.components.Component]:
+def build_form(
+    config_cls: type, exclude: Collection[str] = ()
+) -> dict[str, gr.components.Component]:
     """One component per dataclass field (scalars only), in field order."""
     hints = typing.get_type_hints(config_cls)
     components = {}
     for f in dataclasses.fields(config_cls):
         kind = hints[f.name]
-        if f.name in exclude or kind not in (bool, int, float, str) and \
-                typing.get_origin(kind) is not typing.Literal:
+        if (
+            f.name in exclude
+            or kind not in (bool, int, float, str)
+            and typing.get_origin(kind) is not typing.Literal
+        ):
             continue
         common = field_kwargs(config_cls, f.name)
         if typing.get_origin(kind) is typing.Literal:
@@ -43,8 +51,9 @@ def build_form(config_cls: type, exclude: Collection[str] = ()) -> dict[str, gr.
     return components
 
 
-def values_to_kwargs(config_cls: type, names: Collection[str], values: Collection[Any]
-                     ) -> dict[str, Any]:
+def values_to_kwargs(
+    config_cls: type, names: Collection[str], values: Collection[Any]
+) -> dict[str, Any]:
     """Component values (in `names` order) -> keyword arguments with the field types."""
     hints = typing.get_type_hints(config_cls)
     kwargs = {}

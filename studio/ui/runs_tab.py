@@ -22,10 +22,19 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     with gr.Row():
         step = gr.Dropdown(choices=["", *STEPS], value="", label="Step", scale=1)
         status = gr.Dropdown(choices=["", *store.STATUSES], value="", label="Status", scale=1)
-        run_id = gr.Textbox(label="Run", placeholder="click a run in the table, or paste its id",
-                            scale=3, elem_id="runs-selected")
-    table = gr.Dataframe(value=lambda: runs_table(home), headers=TABLE_HEADERS, interactive=False,
-                         max_height=320, elem_id="runs-table")
+        run_id = gr.Textbox(
+            label="Run",
+            placeholder="click a run in the table, or paste its id",
+            scale=3,
+            elem_id="runs-selected",
+        )
+    table = gr.Dataframe(
+        value=lambda: runs_table(home),
+        headers=TABLE_HEADERS,
+        interactive=False,
+        max_height=320,
+        elem_id="runs-table",
+    )
     header = gr.Markdown(elem_id="run-header")
     progress = gr.HTML(elem_id="run-progress")
     with gr.Row():
@@ -39,12 +48,19 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         with gr.Tab("Metrics"):
             plot = gr.LinePlot(x="step", y="value", color="key", height=300, label="Metrics")
         with gr.Tab("Log"):
-            log_box = gr.Textbox(lines=14, max_lines=14, label="Log", autoscroll=True,
-                                 buttons=["copy"], elem_id="run-log")
+            log_box = gr.Textbox(
+                lines=14,
+                max_lines=14,
+                label="Log",
+                autoscroll=True,
+                buttons=["copy"],
+                elem_id="run-log",
+            )
         with gr.Tab("Config"):
             config_code = gr.Code(language="json", label="Config (JSON)", buttons=["copy"])
-            command = gr.Code(language="shell", label="The same run from the command line",
-                              buttons=["copy"])
+            command = gr.Code(
+                language="shell", label="The same run from the command line", buttons=["copy"]
+            )
         with gr.Tab("Artifacts & lineage"):
             artifacts_md = gr.Markdown()
 
@@ -52,8 +68,9 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     table.select(select_row, inputs=[table], outputs=[run_id])
     run_id.change(lambda r: refresh_run(home, r.strip()), inputs=[run_id], outputs=run_outputs)
     for control in (step, status):
-        control.change(lambda s, st: runs_table(home, s, st), inputs=[step, status],
-                       outputs=[table])
+        control.change(
+            lambda s, st: runs_table(home, s, st), inputs=[step, status], outputs=[table]
+        )
 
     def act(action):
         return lambda r: action(runner, r)
@@ -63,16 +80,28 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     resume.click(act(resume_run), inputs=[run_id], outputs=[run_id])
     delete.click(act(delete_run), inputs=[run_id], outputs=[run_id])
     timer = gr.Timer(2.0)
-    timer.tick(lambda s, st, r: (runs_table(home, s, st), *refresh_run(home, r.strip())),
-               inputs=[step, status, run_id], outputs=[table, *run_outputs])
+    timer.tick(
+        lambda s, st, r: (runs_table(home, s, st), *refresh_run(home, r.strip())),
+        inputs=[step, status, run_id],
+        outputs=[table, *run_outputs],
+    )
 
 
 def runs_table(home: Path, step: str = "", status: str = "") -> list[list[Any]]:
     with store.connect(home) as db:
         rows = store.list_runs(db, step=step or None, status=status or None, limit=200)
-    return [[r["id"], r["name"], r["step"], r["status"],
-             f"{100 * (r['progress'] or 0):.0f}%", r["created_at"][:19].replace("T", " "),
-             views.duration(views.elapsed_s(r))] for r in rows]
+    return [
+        [
+            r["id"],
+            r["name"],
+            r["step"],
+            r["status"],
+            f"{100 * (r['progress'] or 0):.0f}%",
+            r["created_at"][:19].replace("T", " "),
+            views.duration(views.elapsed_s(r)),
+        ]
+        for r in rows
+    ]
 
 
 def select_row(table: Any, evt: gr.SelectData) -> str:
@@ -94,11 +123,16 @@ def refresh_run(home: Path, run_id: str | None) -> tuple:
         events = store.last_events(db, run_id)
         outputs = store.artifacts(db, run_id=run_id)
         links = store.lineage(db, run_id)
-    return (_header_md(home, row), views.progress_html(row), views.summary_md(row),
-            pd.DataFrame(metric_rows, columns=["key", "step", "value"]) if metric_rows else None,
-            _log_text(home, row, events), json.dumps(json.loads(row["config_json"]), indent=2,
-                                                     ensure_ascii=False),
-            cli_command(home, row), _artifacts_md(outputs, links))
+    return (
+        _header_md(home, row),
+        views.progress_html(row),
+        views.summary_md(row),
+        pd.DataFrame(metric_rows, columns=["key", "step", "value"]) if metric_rows else None,
+        _log_text(home, row, events),
+        json.dumps(json.loads(row["config_json"]), indent=2, ensure_ascii=False),
+        cli_command(home, row),
+        _artifacts_md(outputs, links),
+    )
 
 
 def cli_command(home: Path, row: dict[str, Any]) -> str:
@@ -131,8 +165,9 @@ def resume_run(runner: JobRunner, run_id: str) -> str:
     try:
         new_id = runner.resume(run_id)
     except ValueError as e:
-        raise gr.Error(f"{e}. Only a stopped run that saved checkpoints can resume; "
-                       "use Re-run to start over.") from e
+        raise gr.Error(
+            f"{e}. Only a stopped run that saved checkpoints can resume; use Re-run to start over."
+        ) from e
     gr.Info(f"Resuming {run_id} as {new_id}.")
     return new_id
 
@@ -147,10 +182,12 @@ def delete_run(runner: JobRunner, run_id: str) -> str:
 
 
 def _header_md(home: Path, row: dict[str, Any]) -> str:
-    lines = [f"### {row['name']} · `{row['id']}`",
-             f"step **{row['step']}** · queue **{row['queue']}** · created {row['created_at'][:19]}"
-             + (f" · waits for `{row['depends_on']}`" if row["depends_on"] else "")
-             + (f" · resumes `{row['resumed_from']}`" if row["resumed_from"] else "")]
+    lines = [
+        f"### {row['name']} · `{row['id']}`",
+        f"step **{row['step']}** · queue **{row['queue']}** · created {row['created_at'][:19]}"
+        + (f" · waits for `{row['depends_on']}`" if row["depends_on"] else "")
+        + (f" · resumes `{row['resumed_from']}`" if row["resumed_from"] else ""),
+    ]
     if row["error"]:
         lines.append(f"\n**Error:** {row['error']}")
     if resumable(home, row):
@@ -174,14 +211,20 @@ def _log_text(home: Path, row: dict[str, Any], events: list[dict[str, Any]]) -> 
 def _artifacts_md(outputs: list[dict[str, Any]], links: dict[str, list[dict[str, Any]]]) -> str:
     lines = ["**Produced**"] if outputs else ["No artifacts (yet)."]
     for a in outputs:
-        lines.append(f"- {a['kind']} **{a['name']}** · `{a['path']}` · {a['bytes'] / 1024:.1f} KB · "
-                     f"sha256 `{a['sha256'][:12]}…`")
+        lines.append(
+            f"- {a['kind']} **{a['name']}** · `{a['path']}` · {a['bytes'] / 1024:.1f} KB · "
+            f"sha256 `{a['sha256'][:12]}…`"
+        )
     if links["inputs"]:
         lines.append("\n**Made from**")
-        lines += [f"- {i['role']}: {i['kind']} **{i['name']}** made by run `{i['made_by']}`"
-                  for i in links["inputs"]]
+        lines += [
+            f"- {i['role']}: {i['kind']} **{i['name']}** made by run `{i['made_by']}`"
+            for i in links["inputs"]
+        ]
     if links["used_by"]:
         lines.append("\n**Used by**")
-        lines += [f"- run `{u['run_id']}` ({u['step']}, {u['status']}) as {u['role']}"
-                  for u in links["used_by"]]
+        lines += [
+            f"- run `{u['run_id']}` ({u['step']}, {u['status']}) as {u['role']}"
+            for u in links["used_by"]
+        ]
     return "\n".join(lines)

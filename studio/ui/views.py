@@ -7,12 +7,16 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
+
 def elapsed_s(row: dict[str, Any]) -> float | None:
     if not row.get("started_at"):
         return None
     start = datetime.fromisoformat(row["started_at"])
-    end = datetime.fromisoformat(row["finished_at"]) if row.get("finished_at") else \
-        datetime.now(timezone.utc)
+    end = (
+        datetime.fromisoformat(row["finished_at"])
+        if row.get("finished_at")
+        else datetime.now(timezone.utc)
+    )
     return max(0.0, (end - start).total_seconds())
 
 
@@ -41,48 +45,59 @@ def progress_html(row: dict[str, Any] | None) -> str:
         return ""
     pct = 100.0 if row["status"] == "succeeded" else 100 * (row.get("progress") or 0.0)
     color = {"failed": "#d9534f", "canceled": "#999", "interrupted": "#f0ad4e"}.get(
-        row["status"], "#3b82f6" if row["status"] != "succeeded" else "#22a06b")
+        row["status"], "#3b82f6" if row["status"] != "succeeded" else "#22a06b"
+    )
     eta = eta_s(row)
-    parts = [f"<b>{row['status']}</b>", f"{pct:.0f}%",
-             html.escape(row.get("message") or "")]
+    parts = [f"<b>{row['status']}</b>", f"{pct:.0f}%", html.escape(row.get("message") or "")]
     if elapsed_s(row) is not None:
         parts.append(f"elapsed {duration(elapsed_s(row))}")
     if eta is not None:
         parts.append(f"ETA {duration(eta)}")
-    return (f'<div class="run-progress" data-status="{row["status"]}">'
-            f'<div style="background:#e5e7eb;border-radius:6px;height:14px;overflow:hidden">'
-            f'<div style="width:{pct:.1f}%;background:{color};height:14px"></div></div>'
-            f'<div style="font-size:0.9em;margin-top:4px">{" · ".join(p for p in parts if p)}'
-            f"</div></div>")
+    return (
+        f'<div class="run-progress" data-status="{row["status"]}">'
+        f'<div style="background:#e5e7eb;border-radius:6px;height:14px;overflow:hidden">'
+        f'<div style="width:{pct:.1f}%;background:{color};height:14px"></div></div>'
+        f'<div style="font-size:0.9em;margin-top:4px">{" · ".join(p for p in parts if p)}'
+        f"</div></div>"
+    )
 
 
 def dataset_report_md(stats: dict[str, Any]) -> str:
     """The validation report of a dataset import as Markdown."""
     dropped = sum(stats.get("dropped", {}).values())
-    lines = [f"**{stats['rows_read']}** rows read · **{stats['rows_kept']}** kept · "
-             f"**{dropped}** dropped · shape **{stats['shape']}**"]
+    lines = [
+        f"**{stats['rows_read']}** rows read · **{stats['rows_kept']}** kept · "
+        f"**{dropped}** dropped · shape **{stats['shape']}**"
+    ]
     if stats.get("splits"):
         lines.append("\n\nSplits: " + ", ".join(f"{k} **{v}**" for k, v in stats["splits"].items()))
     if stats.get("dropped"):
         lines.append("\n| dropped | rows | examples |\n|---|---|---|")
         for reason, n in stats["dropped"].items():
-            examples = "; ".join(f"{e['where']}: {e['detail']}"
-                                 for e in stats["drop_examples"].get(reason, []))
+            examples = "; ".join(
+                f"{e['where']}: {e['detail']}" for e in stats["drop_examples"].get(reason, [])
+            )
             lines.append(f"| {reason.replace('_', ' ')} | {n} | {_cell(examples)} |")
     tokens = stats.get("tokens")
     if tokens:
-        lines.append(f"\n\nTokens per row ({stats.get('tokenizer', '')} tokenizer, chat template "
-                     f"applied): min {tokens['min']} · mean {tokens['mean']} · p50 {tokens['p50']}"
-                     f" · p95 {tokens['p95']} · max {tokens['max']} · total {tokens['total']}")
+        lines.append(
+            f"\n\nTokens per row ({stats.get('tokenizer', '')} tokenizer, chat template "
+            f"applied): min {tokens['min']} · mean {tokens['mean']} · p50 {tokens['p50']}"
+            f" · p95 {tokens['p95']} · max {tokens['max']} · total {tokens['total']}"
+        )
     if stats.get("roles"):
-        lines.append("\n\nConversations with each role: " + ", ".join(
-            f"{k} {v}" for k, v in stats["roles"].items()) + " · turns per conversation: " +
-            ", ".join(f"{k}: {v}" for k, v in stats.get("turns", {}).items()))
+        lines.append(
+            "\n\nConversations with each role: "
+            + ", ".join(f"{k} {v}" for k, v in stats["roles"].items())
+            + " · turns per conversation: "
+            + ", ".join(f"{k}: {v}" for k, v in stats.get("turns", {}).items())
+        )
     if stats.get("labels"):
         total = sum(stats["labels"].values())
         lines.append("\n| label | rows | share |\n|---|---|---|")
-        lines += [f"| {_cell(k)} | {v} | {100 * v / total:.1f}% |" for k, v in
-                  stats["labels"].items()]
+        lines += [
+            f"| {_cell(k)} | {v} | {100 * v / total:.1f}% |" for k, v in stats["labels"].items()
+        ]
     if stats.get("content_hash"):
         lines.append(f"\nContent hash: `{stats['content_hash'][:16]}…`")
     return "\n".join(lines)

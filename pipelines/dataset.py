@@ -899,7 +899,7 @@ def _normalize_all(
     role_counts: Counter[str] = Counter()
     turns: Counter[int] = Counter()
     mapped: dict[str, tuple[str, dict[str, str]]] = {}
-    read = 0
+    read, reported = 0, 0
     batch: list[tuple[str, dict[str, Any], str | None]] = []
 
     def drop(reason: str, where: str, detail: str) -> None:
@@ -952,7 +952,10 @@ def _normalize_all(
             batch.append((where, normalized, label))
             if len(batch) >= _BATCH:
                 flush()
-                report(Progress(int(50 + 840 * fraction), 1000, f"read {read} rows"))
+                done = int(50 + 840 * fraction)
+                if done >= reported + 10:  # every 1%: enough for a bar, quiet in a log
+                    reported = done
+                    report(Progress(done, 1000, f"read {read} rows"))
         flush()
     if read == 0:
         raise StepError(

@@ -42,6 +42,7 @@ HAND_LAID = (
     "max_file_mb",
 )
 PAGE_SIZE = 10
+TABLE_HEADERS = ["#", "system", "user", "assistant"]
 
 
 def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
@@ -86,7 +87,7 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
             ]
         system_prompt = gr.Textbox(lines=2, **forms.field_kwargs(DatasetConfig, "system_prompt"))
     preview_table = gr.Dataframe(
-        headers=["#", "conversation"],
+        headers=TABLE_HEADERS,
         label="Preview (first rows)",
         wrap=True,
         line_breaks=True,
@@ -117,7 +118,7 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
         page = gr.Number(value=1, precision=0, label="Page", minimum=1, scale=1)
     dataset_info = gr.Markdown()
     dataset_rows = gr.Dataframe(
-        headers=["#", "conversation"], wrap=True, line_breaks=True, interactive=False
+        headers=TABLE_HEADERS, wrap=True, line_breaks=True, interactive=False
     )
 
     mapping_outputs = [detected, shape, *roles, system_prompt, preview_table, name]
@@ -323,7 +324,7 @@ def show_dataset(
         + f"\n\n**{split}**: page {page} of {pages}"
     )
     return info, [
-        [(page - 1) * PAGE_SIZE + i + 1, views.conversation_text(r["messages"])]
+        [(page - 1) * PAGE_SIZE + i + 1, *views.conversation_row(r["messages"])]
         for i, r in enumerate(items)
     ]
 
@@ -350,4 +351,4 @@ def _detected_md(found: dict[str, Any], paths: list[str]) -> str:
 
 
 def _preview_rows(examples: list[dict[str, Any]]) -> list[list[Any]]:
-    return [[i + 1, views.conversation_text(e["messages"])] for i, e in enumerate(examples)]
+    return [[i + 1, *views.conversation_row(e["messages"])] for i, e in enumerate(examples)]

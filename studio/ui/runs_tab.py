@@ -64,9 +64,25 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         with gr.Tab("Artifacts & lineage"):
             artifacts_md = gr.Markdown()
 
-    run_outputs = [header, progress, summary, plot, log_box, config_code, command, artifacts_md]
+    run_outputs = [
+        header,
+        progress,
+        summary,
+        plot,
+        log_box,
+        config_code,
+        command,
+        artifacts_md,
+        cancel,
+        resume,
+        delete,
+    ]
     table.select(select_row, inputs=[table], outputs=[run_id])
-    run_id.change(lambda r: refresh_run(home, r.strip()), inputs=[run_id], outputs=run_outputs)
+
+    def show(run_id: str) -> tuple:
+        return (*refresh_run(home, run_id.strip()), *button_states(home, run_id.strip()))
+
+    run_id.change(show, inputs=[run_id], outputs=run_outputs)
     for control in (step, status):
         control.change(
             lambda s, st: runs_table(home, s, st), inputs=[step, status], outputs=[table]
@@ -81,7 +97,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     delete.click(act(delete_run), inputs=[run_id], outputs=[run_id])
     timer = gr.Timer(2.0)
     timer.tick(
-        lambda s, st, r: (runs_table(home, s, st), *refresh_run(home, r.strip())),
+        lambda s, st, r: (runs_table(home, s, st), *show(r)),
         inputs=[step, status, run_id],
         outputs=[table, *run_outputs],
     )
@@ -132,6 +148,19 @@ def refresh_run(home: Path, run_id: str | None) -> tuple:
         json.dumps(json.loads(row["config_json"]), indent=2, ensure_ascii=False),
         cli_command(home, row),
         _artifacts_md(outputs, links),
+    )
+
+
+def button_states(home: Path, run_id: str) -> tuple:
+    """Cancel, Resume and Delete are clickable only when they can do something."""
+    with store.connect(home) as db:
+        row = store.get_run(db, run_id) if run_id else None
+    if row is None:
+        return (gr.update(interactive=False),) * 3
+    return (
+        gr.update(interactive=row["status"] in ("queued", "running")),
+        gr.update(interactive=resumable(home, row)),
+        gr.update(interactive=row["status"] in store.TERMINAL),
     )
 
 

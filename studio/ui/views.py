@@ -103,9 +103,13 @@ def dataset_report_md(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def conversation_text(messages: list[dict[str, str]], limit: int = 400) -> str:
-    text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-    return text if len(text) <= limit else text[:limit] + "…"
+def conversation_row(messages: list[dict[str, str]], limit: int = 300) -> list[str]:
+    """[system, user, assistant] texts of a conversation (turns of one role joined by ' / ')."""
+    cells = []
+    for role in ("system", "user", "assistant"):
+        text = " / ".join(m["content"] for m in messages if m["role"] == role)
+        cells.append(text if len(text) <= limit else text[:limit] + "…")
+    return cells
 
 
 def summary_md(row: dict[str, Any]) -> str:

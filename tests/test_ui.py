@@ -141,6 +141,7 @@ def test_build_app_returns_blocks_without_launching(home, runner, settings):
     assert labels[:2] == ["Data", "Runs"]
 
 
+@pytest.mark.filterwarnings("ignore:Run .* has already finished")
 def test_every_event_returns_what_its_outputs_expect(home, runner, settings, fake_steps):
     """Call each wired handler with the components' values: a tick or change that returns the
     wrong number of values would break the page at run time, not at build time."""

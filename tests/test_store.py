@@ -118,3 +118,23 @@ def test_run_ids_sort_in_submission_order(home):
         ids = [store.create_run(db, "dataset", {}, queue="data") for _ in range(20)]
         assert [r["id"] for r in reversed(store.list_runs(db))] == ids
         assert len(set(ids)) == 20
+
+
+def test_runs_submitted_from_many_threads_are_all_stored(home, fake_steps):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from studio.jobs import JobRunner
+
+    runner = JobRunner(home)  # not started: submit only writes rows
+
+    def submit(i):
+        return runner.submit("fake", fake_steps.FakeConfig(steps=i), name=f"run {i}")
+
+    with ThreadPoolExecutor(10) as pool:
+        ids = list(pool.map(submit, range(50)))
+    with store.connect(home) as db:
+        rows = store.queued_runs(db)
+    assert len(set(ids)) == 50 and {r["id"] for r in rows} == set(ids)
+    assert [r["created_at"] for r in rows] == sorted(r["created_at"] for r in rows)
+    with store.connect(home) as db:
+        assert db.execute("pragma integrity_check").fetchone()[0] == "ok"

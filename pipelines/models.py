@@ -18,7 +18,9 @@ MODEL_FILES = ("config.json", "adapter_config.json")
 
 
 def models_dir() -> Path:
-    """Where converted models are cached: $STUDIO_HOME/models (the worker sets STUDIO_HOME)."""
+    """Where converted models are cached: $STUDIO_MODELS_DIR, else $STUDIO_HOME/models."""
+    if os.environ.get("STUDIO_MODELS_DIR"):
+        return Path(os.environ["STUDIO_MODELS_DIR"]).expanduser().resolve()
     return Path(os.environ.get("STUDIO_HOME", "studio-data")).resolve() / "models"
 
 

@@ -82,6 +82,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hub-config", default="")
     p.add_argument("--hub-split", default="train")
     p.set_defaults(func=cmd_dataset_import)
+    p = sub.add_parser("finetune", help="finetune a model (flags as in `olive finetune`)")
+    p.add_argument("--config", help="JSON file with a finetune config; flags override it")
+    p.add_argument("--dataset", help="a dataset folder imported before (…/out/dataset)")
+    p.add_argument("--data_files", nargs="+", help="files to import first, then train on")
+    p.add_argument("--model_name_or_path", help="base model: bundled, a folder or a Hub id")
+    p.add_argument("--method", choices=["lora", "qlora", "full"])
+    p.add_argument("--lora_r", type=int)
+    p.add_argument("--lora_alpha", type=int)
+    p.add_argument("--target_modules", help="all-linear, or names like q_proj,v_proj")
+    p.add_argument("--text_template", help="text with {column} placeholders instead of chat")
+    p.add_argument("--use_chat_template", choices=["true", "false"])
+    p.add_argument("--max_seq_len", type=int)
+    p.add_argument("--max_samples", type=int)
+    p.add_argument("--max_steps", type=int)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--learning_rate", type=float)
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--system-prompt", default="", help="with --data_files: the system prompt")
+    p.add_argument("--output_path", help="copy the adapter and merged model here when done")
+    p.add_argument("--name", default="")
+    p.add_argument("--detach", action="store_true", help="queue and return at once")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 
@@ -104,7 +126,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return _submit(settings, args.step, config, args.name, args.follow)
+    return _submit(settings, args.step, config, args.name, args.follow)[0]
 
 
 def cmd_runs(settings: Settings, args: argparse.Namespace) -> int:
@@ -168,7 +190,7 @@ def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
                 row["name"],
                 args.follow,
                 depends_on=row["depends_on"],
-            )
+            )[0]
         run_id = runner.resume(args.run_id)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -210,20 +232,109 @@ def cmd_dataset_import(settings: Settings, args: argparse.Namespace) -> int:
     import dataclasses
 
     config = dataclasses.replace(config, files=store.keep_uploads(settings.home, config.files))
-    return _submit(settings, "dataset", config, args.name, follow=True)
+    return _submit(settings, "dataset", config, args.name, follow=True)[0]
+
+
+FINETUNE_FLAGS = {
+    "model_name_or_path": "base_model",
+    "method": "method",
+    "lora_r": "lora_r",
+    "lora_alpha": "lora_alpha",
+    "target_modules": "target_modules",
+    "text_template": "text_template",
+    "max_seq_len": "max_seq_len",
+    "max_samples": "max_samples",
+    "max_steps": "max_steps",
+    "epochs": "epochs",
+    "learning_rate": "learning_rate",
+    "batch_size": "batch_size",
+}
+
+
+def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
+    from pipelines.finetune import FinetuneConfig
+
+    try:
+        data = json.loads(Path(args.config).read_text()) if args.config else {}
+        data.update(
+            {
+                field: getattr(args, flag)
+                for flag, field in FINETUNE_FLAGS.items()
+                if getattr(args, flag) is not None
+            }
+        )
+        if args.use_chat_template:
+            data["use_chat_template"] = args.use_chat_template == "true"
+        if args.dataset:
+            data["dataset_dir"] = args.dataset
+        if not args.data_files and "dataset_dir" not in data:
+            raise ValueError("give --dataset (an imported dataset folder) or --data_files")
+        data = _absolute_paths(data)
+        for path in args.data_files or []:
+            if not Path(path).is_file():
+                raise ValueError(f"{path}: file not found")
+        if args.data_files:  # the import's output folder is known before it runs
+            data["dataset_dir"] = "(set below)"
+        config = FinetuneConfig(**data)
+    except (OSError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    imported = None
+    if args.data_files:
+        import dataclasses
+
+        store.init(settings.home)
+        import_config = DatasetConfig(
+            name=Path(args.data_files[0]).stem,
+            system_prompt=args.system_prompt,
+            files=store.keep_uploads(settings.home, args.data_files),
+            tokenizer_model=config.base_model,
+            max_file_mb=settings.max_upload_mb,
+        )
+        runner = JobRunner(settings.home, queues=settings.queues)
+        imported = runner.submit("dataset", import_config, name=import_config.name)
+        print(f"queued {imported} (dataset import)", flush=True)
+        config = dataclasses.replace(
+            config, dataset_dir=str(settings.home / "runs" / imported / "out" / "dataset")
+        )
+    code, run_id = _submit(
+        settings,
+        "finetune",
+        config,
+        args.name or f"finetune {config.method}",
+        follow=not args.detach,
+        depends_on=imported,
+    )
+    if code == 0 and args.output_path and not args.detach:
+        _copy_outputs(settings, run_id, Path(args.output_path))
+    return code
+
+
+def _copy_outputs(settings: Settings, run_id: str, target: Path) -> None:
+    """--output_path: copy a run's artifacts (adapter/, merged/ or model/) to a folder."""
+    import shutil
+
+    with store.connect(settings.home) as db:
+        outputs = store.artifacts(db, run_id=run_id)
+    target.mkdir(parents=True, exist_ok=True)
+    for a in outputs:
+        source = settings.home / a["path"]
+        shutil.copytree(source, target / source.name, dirs_exist_ok=True)
+        print(f"copied {source.name}/ to {target / source.name}")
 
 
 def _submit(
     settings: Settings, step: str, config, name: str, follow: bool, depends_on: str | None = None
-) -> int:
+) -> tuple[int, str]:
+    """Queue a run; with `follow`, run it now (unless the UI's runner does) and print it."""
     runner = JobRunner(settings.home, queues=settings.queues, grace_s=settings.cancel_grace_s)
     run_id = runner.submit(step, config, name=name, depends_on=depends_on)
     print(f"queued {run_id}", flush=True)
     if not follow:
-        return 0
+        return 0, run_id
     owns = runner.start()  # if the UI is running, its runner executes the run; else we do
     try:
-        return _follow(settings, run_id)
+        return _follow(settings, run_id), run_id
     finally:
         if owns:
             runner.stop()
@@ -239,7 +350,7 @@ def _follow(settings: Settings, run_id: str) -> int:
                 cursor = event["id"]
                 print(event["message"], flush=True)
             shown = (round(100 * (row["progress"] or 0)), row["message"])
-            if row["status"] == "running" and shown != last:
+            if row["status"] in ("queued", "running") and shown != last and shown[1]:
                 last = shown
                 print(f"[{shown[0]:3d}%] {shown[1]}", flush=True)
             if row["status"] in store.TERMINAL:

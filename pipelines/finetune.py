@@ -288,7 +288,7 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     cuda = torch.cuda.is_available()
-    estimate = estimate_memory(_arch(model_path), config, cuda)
+    estimate = estimate_memory(_arch(model_path), config, cuda, _available_memory(cuda))
     report(
         Log(
             f"memory estimate: {format_estimate(estimate)}",
@@ -355,7 +355,9 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
 # --- memory estimate ---------------------------------------------------------------------------
 
 
-def estimate_memory(arch: dict[str, Any], config: FinetuneConfig, cuda: bool) -> dict[str, Any]:
+def estimate_memory(
+    arch: dict[str, Any], config: FinetuneConfig, cuda: bool, available: int | None = None
+) -> dict[str, Any]:
     """Rough bytes for weights, adapter, gradients + optimizer states and activations.
 
     Activations assume a decoder layer keeps ~34 * hidden + 5 * heads * length values per token
@@ -401,7 +403,6 @@ def estimate_memory(arch: dict[str, Any], config: FinetuneConfig, cuda: bool) ->
         "activations": activations + logits,
     }
     estimate["total"] = sum(estimate[k] for k in ("weights", "adapter", "optimizer", "activations"))
-    available = _available_memory(cuda)
     estimate["available"] = available
     estimate["fits"] = None if available is None else estimate["total"] < 0.9 * available
     return estimate
@@ -453,7 +454,7 @@ def _arch(model_path: str) -> dict[str, Any]:
     return arch
 
 
-def _available_memory(cuda: bool) -> int | None:
+def _available_memory(cuda: bool) -> int:
     if cuda:
         import torch
 

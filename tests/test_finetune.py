@@ -163,7 +163,7 @@ def test_memory_estimate_grows_with_batch_and_length(tiny_lm, tiny_dataset):
     )
     assert 130e6 < small["parameters"] < 140e6  # SmolLM2-135M
     huge = finetune.estimate_memory(
-        arch, _config(tiny_lm, tiny_dataset, batch_size=512, max_seq_len=8192), False
+        arch, _config(tiny_lm, tiny_dataset, batch_size=512, max_seq_len=8192), False, 24 * 2**30
     )
     assert huge["fits"] is False and "lower the batch size" in finetune.format_estimate(huge)
 

@@ -1,6 +1,7 @@
 """UI handlers called as plain functions, and the Blocks app built without launching."""
 
 import dataclasses
+import inspect
 import json
 
 import gradio as gr
@@ -138,7 +139,7 @@ def test_build_app_returns_blocks_without_launching(home, runner, settings):
     demo = app.build_app(settings, runner)
     assert isinstance(demo, gr.Blocks)
     labels = [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
-    assert labels[:2] == ["Data", "Runs"]
+    assert labels == ["Data", "Finetune", "Runs"] + labels[3:]
 
 
 @pytest.mark.filterwarnings("ignore:Run .* has already finished")
@@ -161,10 +162,12 @@ def test_every_event_returns_what_its_outputs_expect(home, runner, settings, fak
                 values.append(component.value)
         try:
             result = block_fn.fn(*values)
+            results = list(result) if inspect.isgenerator(result) else [result]
         except gr.Error:
             continue  # a message for the user, e.g. "Pick a run first."
         expected = len(block_fn.outputs)
-        got = len(result) if expected > 1 else 1
-        assert got == expected, f"{block_fn.name}: {got} values for {expected} outputs"
+        for result in results:
+            got = len(result) if expected > 1 else 1
+            assert got == expected, f"{block_fn.name}: {got} values for {expected} outputs"
         checked += 1
     assert checked >= 15

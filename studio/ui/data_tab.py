@@ -15,7 +15,7 @@ from pipelines.dataset import SAMPLE_DATASET, SAMPLE_SYSTEM_PROMPT, DatasetConfi
 from studio import store
 from studio.jobs import JobRunner
 from studio.settings import Settings
-from studio.ui import forms, views
+from studio.ui import forms, runs_tab, views
 
 MAPPING_ROLES = ("messages", "prompt", "input", "response", "text", "label", "system")
 ROLE_LABELS = {
@@ -239,7 +239,7 @@ def submit_import(
                 f"{Path(path).name} is {size_mb:.0f} MB, over the {settings.max_upload_mb}"
                 " MB upload limit. Split it into smaller files."
             )
-    names = [f.name for f in dataclasses.fields(DatasetConfig) if f.name not in HAND_LAID]
+    names = forms.form_fields(DatasetConfig, exclude=HAND_LAID)
     try:
         config = DatasetConfig(
             name=(name or "").strip() or (Path(paths[0]).stem if paths else hub_dataset or ""),
@@ -271,18 +271,9 @@ def submit_import(
 
 def refresh_import(home: Path, run_id: str) -> tuple:
     """Poll the import run: progress bar while it works, the report when it ends."""
-    if not run_id:
-        return gr.skip(), gr.skip(), gr.skip()
-    with store.connect(home) as db:
-        row = store.get_run(db, run_id)
-    if row is None:
-        return "", "", gr.skip()
-    header = f"Import run <code>{run_id}</code> · {views.progress_html(row)}"
-    if row["status"] == "succeeded":
-        return header, views.summary_md(row), gr.update(choices=dataset_choices(home))
-    if row["status"] in ("failed", "canceled", "interrupted"):
-        return header, f"**Import {row['status']}:** {row['error'] or row['message']}", gr.skip()
-    return header, "", gr.skip()
+    header, report = runs_tab.run_status(home, run_id)
+    done = bool(report) and "rows read" in report
+    return header, report, gr.update(choices=dataset_choices(home)) if done else gr.skip()
 
 
 def dataset_choices(home: Path) -> list[tuple[str, int]]:

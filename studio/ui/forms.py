@@ -31,24 +31,32 @@ def build_form(
     """One component per dataclass field (scalars only), in field order."""
     hints = typing.get_type_hints(config_cls)
     components = {}
-    for f in dataclasses.fields(config_cls):
-        kind = hints[f.name]
-        if (
-            f.name in exclude
-            or kind not in (bool, int, float, str)
-            and typing.get_origin(kind) is not typing.Literal
-        ):
-            continue
-        common = field_kwargs(config_cls, f.name)
+    for name in form_fields(config_cls, exclude):
+        kind = hints[name]
+        common = field_kwargs(config_cls, name)
         if typing.get_origin(kind) is typing.Literal:
-            components[f.name] = gr.Dropdown(choices=list(typing.get_args(kind)), **common)
+            components[name] = gr.Dropdown(choices=list(typing.get_args(kind)), **common)
         elif kind is bool:
-            components[f.name] = gr.Checkbox(**common)
+            components[name] = gr.Checkbox(**common)
         elif kind in (int, float):
-            components[f.name] = gr.Number(precision=0 if kind is int else None, **common)
+            components[name] = gr.Number(precision=0 if kind is int else None, **common)
         else:
-            components[f.name] = gr.Textbox(**common)
+            components[name] = gr.Textbox(**common)
     return components
+
+
+def form_fields(config_cls: type, exclude: Collection[str] = ()) -> list[str]:
+    """Names of the fields build_form makes components for (scalars and Literals), in order."""
+    hints = typing.get_type_hints(config_cls)
+    return [
+        f.name
+        for f in dataclasses.fields(config_cls)
+        if f.name not in exclude
+        and (
+            hints[f.name] in (bool, int, float, str)
+            or typing.get_origin(hints[f.name]) is typing.Literal
+        )
+    ]
 
 
 def values_to_kwargs(

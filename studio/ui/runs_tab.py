@@ -15,6 +15,13 @@ from studio import store
 from studio.jobs import JobRunner, resumable
 from studio.ui import views
 
+CURVES = {
+    "loss": ("loss", "eval_loss"),
+    "learning rate": ("learning_rate",),
+    "tokens/s": ("tokens_per_s",),
+    "memory (MB)": ("memory_mb",),
+    "all": (),
+}
 TABLE_HEADERS = ["run", "name", "step", "status", "progress", "created", "duration"]
 
 
@@ -46,6 +53,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         with gr.Tab("Report"):
             summary = gr.Markdown(elem_id="run-summary")
         with gr.Tab("Metrics"):
+            curve = gr.Radio(choices=list(CURVES), value="loss", label="Curve")
             plot = gr.LinePlot(x="step", y="value", color="key", height=300, label="Metrics")
         with gr.Tab("Log"):
             log_box = gr.Textbox(
@@ -79,10 +87,12 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     ]
     table.select(select_row, inputs=[table], outputs=[run_id])
 
-    def show(run_id: str) -> tuple:
-        return (*refresh_run(home, run_id.strip()), *button_states(home, run_id.strip()))
+    def show(run_id: str, curve: str) -> tuple:
+        run_id = run_id.strip()
+        return (*refresh_run(home, run_id, curve), *button_states(home, run_id))
 
-    run_id.change(show, inputs=[run_id], outputs=run_outputs)
+    run_id.change(show, inputs=[run_id, curve], outputs=run_outputs)
+    curve.change(show, inputs=[run_id, curve], outputs=run_outputs)
     for control in (step, status):
         control.change(
             lambda s, st: runs_table(home, s, st), inputs=[step, status], outputs=[table]
@@ -97,8 +107,8 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     delete.click(act(delete_run), inputs=[run_id], outputs=[run_id])
     timer = gr.Timer(2.0)
     timer.tick(
-        lambda s, st, r: (runs_table(home, s, st), *show(r)),
-        inputs=[step, status, run_id],
+        lambda s, st, r, c: (runs_table(home, s, st), *show(r, c)),
+        inputs=[step, status, run_id, curve],
         outputs=[table, *run_outputs],
     )
 
@@ -126,7 +136,7 @@ def select_row(table: Any, evt: gr.SelectData) -> str:
     return row[0]
 
 
-def refresh_run(home: Path, run_id: str | None) -> tuple:
+def refresh_run(home: Path, run_id: str | None, curve: str = "loss") -> tuple:
     """Everything the run page shows; reads SQLite and the log file only."""
     empty = ("Pick a run in the table.", "", "", None, "", "", "", "")
     if not run_id:
@@ -143,7 +153,7 @@ def refresh_run(home: Path, run_id: str | None) -> tuple:
         _header_md(home, row),
         views.progress_html(row),
         views.summary_md(row),
-        pd.DataFrame(metric_rows, columns=["key", "step", "value"]) if metric_rows else None,
+        _curve(metric_rows, curve),
         _log_text(home, row, events),
         json.dumps(json.loads(row["config_json"]), indent=2, ensure_ascii=False),
         cli_command(home, row),
@@ -162,6 +172,32 @@ def button_states(home: Path, run_id: str) -> tuple:
         gr.update(interactive=resumable(home, row)),
         gr.update(interactive=row["status"] in store.TERMINAL),
     )
+
+
+def run_status(home: Path, run_id: str) -> tuple[str, str]:
+    """A submitted run's progress bar, and its report once it ended (the tabs poll this)."""
+    if not run_id:
+        return gr.skip(), gr.skip()
+    with store.connect(home) as db:
+        row = store.get_run(db, run_id)
+    if row is None:
+        return "", ""
+    header = f"Run <code>{run_id}</code> ({row['name']}) · {views.progress_html(row)}"
+    if row["status"] == "succeeded":
+        return header, views.summary_md(row)
+    if row["status"] in ("failed", "canceled", "interrupted"):
+        return header, f"**{row['status'].capitalize()}:** {row['error'] or row['message']}"
+    return header, ""
+
+
+def _curve(metric_rows: list[dict[str, Any]], curve: str) -> pd.DataFrame | None:
+    """The metric rows of one curve (all of them when the run has none of its keys)."""
+    if not metric_rows:
+        return None
+    frame = pd.DataFrame(metric_rows, columns=["key", "step", "value"])
+    keys = CURVES.get(curve, ())
+    chosen = frame[frame["key"].isin(keys)] if keys else frame
+    return chosen if len(chosen) else frame
 
 
 def cli_command(home: Path, row: dict[str, Any]) -> str:

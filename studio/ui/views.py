@@ -119,6 +119,15 @@ def summary_md(row: dict[str, Any]) -> str:
     summary = json.loads(row["summary_json"])
     if row["step"] == "dataset" and "rows_read" in summary:
         return dataset_report_md(summary)
+    if row["step"] == "finetune" and "steps" in summary:
+        from pipelines.finetune import format_summary
+
+        return (
+            format_summary(summary)
+            + "\n\n```json\n"
+            + json.dumps(summary, indent=2, ensure_ascii=False)
+            + "\n```"
+        )
     return "```json\n" + json.dumps(summary, indent=2, ensure_ascii=False) + "\n```"
 
 

@@ -1,0 +1,366 @@
+"""Finetune tab: pick a dataset, a base model and a method, see the memory estimate, start; the
+models it made, grouped by base; and a chat that answers with one or two models side by side."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from pipelines import finetune
+from pipelines.finetune import FinetuneConfig
+from studio import store
+from studio.chat import ChatClient, ChatError
+from studio.jobs import JobRunner
+from studio.ui import forms, runs_tab
+
+HAND_LAID = (
+    "dataset_dir",
+    "base_model",
+    "method",
+    "lora_r",
+    "lora_alpha",
+    "epochs",
+    "max_steps",
+    "learning_rate",
+    "batch_size",
+    "max_seq_len",
+    "gradient_checkpointing",
+)
+ESTIMATE_FIELDS = (
+    "base_model",
+    "method",
+    "lora_r",
+    "batch_size",
+    "max_seq_len",
+    "gradient_checkpointing",
+)
+
+
+def build_tab(home: Path, runner: JobRunner, chat: ChatClient) -> None:
+    with gr.Row():
+        dataset_dir = gr.Dropdown(
+            label="Dataset",
+            choices=dataset_choices(home),
+            value=None,
+            info="Imported in the Data tab.",
+            elem_id="ft-dataset",
+        )
+        base_model = gr.Dropdown(
+            label="Base model",
+            choices=model_choices(home),
+            value="bundled",
+            allow_custom_value=True,
+            elem_id="ft-base",
+            info="The bundled SmolLM2-135M-Instruct, a model made here, a "
+            "local folder or a Hub id.",
+        )
+        method = gr.Radio(**_kwargs("method"), choices=list(finetune.METHODS))
+    with gr.Row():
+        lora_r = gr.Number(precision=0, **_kwargs("lora_r"))
+        lora_alpha = gr.Number(precision=0, **_kwargs("lora_alpha"))
+        epochs = gr.Number(**_kwargs("epochs"))
+        max_steps = gr.Number(precision=0, **_kwargs("max_steps"))
+    with gr.Row():
+        learning_rate = gr.Number(**_kwargs("learning_rate"))
+        batch_size = gr.Number(precision=0, **_kwargs("batch_size"))
+        max_seq_len = gr.Number(precision=0, **_kwargs("max_seq_len"))
+        checkpointing = gr.Checkbox(**_kwargs("gradient_checkpointing"))
+    estimate = gr.Markdown(elem_id="ft-estimate")
+    with gr.Accordion("Advanced", open=False):
+        advanced = forms.build_form(FinetuneConfig, exclude=HAND_LAID)
+    start = gr.Button("Start finetuning", variant="primary", elem_id="ft-start")
+    run_id = gr.State("")
+    status = gr.HTML(elem_id="ft-status")
+    report = gr.Markdown()
+    gr.Markdown("### Models made here")
+    models = gr.Markdown(models_md(home))
+
+    gr.Markdown("### Chat: the same message to one or two models")
+    with gr.Row():
+        model_a = gr.Dropdown(
+            label="Model A",
+            choices=model_choices(home),
+            value="bundled",
+            allow_custom_value=True,
+            elem_id="chat-a",
+        )
+        model_b = gr.Dropdown(
+            label="Model B (optional)",
+            choices=["", *model_choices(home)],
+            value="",
+            allow_custom_value=True,
+            elem_id="chat-b",
+        )
+    system = gr.Textbox(label="System prompt", lines=1)
+    with gr.Row():
+        max_new_tokens = gr.Slider(8, 1024, value=128, step=8, label="Max new tokens")
+        temperature = gr.Slider(
+            0,
+            1.5,
+            value=0.0,
+            step=0.05,
+            label="Temperature",
+            info="0 = greedy (the same answer every time)",
+        )
+    with gr.Row():
+        chat_a = gr.Chatbot(label="Model A", height=300, elem_id="chat-out-a")
+        chat_b = gr.Chatbot(label="Model B", height=300, elem_id="chat-out-b")
+    message = gr.Textbox(label="Message", placeholder="Type and press Enter", elem_id="chat-msg")
+    clear = gr.Button("Clear", size="sm")
+
+    fields = [base_model, method, lora_r, batch_size, max_seq_len, checkpointing]
+    for control in fields:
+        control.change(lambda *v: estimate_md(*v), inputs=fields, outputs=[estimate])
+    for dropdown in (dataset_dir, base_model, model_a, model_b):
+        dropdown.focus(
+            _refresh_choices(home, dropdown is dataset_dir, dropdown is model_b), outputs=[dropdown]
+        )
+
+    def on_start(*values):
+        return submit_finetune(runner, *values)
+
+    start.click(
+        on_start,
+        inputs=[
+            dataset_dir,
+            base_model,
+            method,
+            lora_r,
+            lora_alpha,
+            epochs,
+            max_steps,
+            learning_rate,
+            batch_size,
+            max_seq_len,
+            checkpointing,
+            *advanced.values(),
+        ],
+        outputs=[run_id, status],
+    )
+    timer = gr.Timer(2.0)
+    timer.tick(
+        lambda r: (*runs_tab.run_status(home, r), models_md(home)),
+        inputs=[run_id],
+        outputs=[status, report, models],
+    )
+
+    def on_message(*values):
+        yield from chat_turn(chat, *values)
+
+    message.submit(
+        on_message,
+        inputs=[model_a, model_b, system, message, chat_a, chat_b, max_new_tokens, temperature],
+        outputs=[chat_a, chat_b, message],
+    )
+    clear.click(lambda: ([], [], ""), outputs=[chat_a, chat_b, message])
+
+
+def _kwargs(name: str) -> dict[str, Any]:
+    return forms.field_kwargs(FinetuneConfig, name)
+
+
+def _refresh_choices(home: Path, datasets: bool, optional: bool):
+    def refresh():
+        choices = dataset_choices(home) if datasets else model_choices(home)
+        return gr.update(choices=["", *choices] if optional else choices)
+
+    return refresh
+
+
+def dataset_choices(home: Path) -> list[tuple[str, str]]:
+    """(label, folder) of every imported dataset."""
+    with store.connect(home) as db:
+        rows = store.artifacts(db, kind="dataset")
+    return [
+        (
+            f"{a['name']} · {json.loads(a['meta_json'] or '{}').get('rows', '?')} rows · "
+            f"run {a['run_id']}",
+            str(Path(home) / a["path"]),
+        )
+        for a in rows
+    ]
+
+
+def model_choices(home: Path) -> list[tuple[str, str]]:
+    """The bundled model, then every model and adapter made here (newest first)."""
+    choices = [("SmolLM2-135M-Instruct (bundled)", "bundled")]
+    with store.connect(home) as db:
+        rows = store.artifacts(db, kind="model") + store.artifacts(db, kind="adapter")
+    for a in sorted(rows, key=lambda a: a["id"], reverse=True):
+        meta = json.loads(a["meta_json"] or "{}")
+        choices.append(
+            (
+                f"{a['kind']} {a['name']} · run {a['run_id']} · "
+                f"{meta.get('method', '')} on {_short(meta.get('base_model', ''))}",
+                str(Path(home) / a["path"]),
+            )
+        )
+    return choices
+
+
+def models_md(home: Path) -> str:
+    """Adapters and merged models grouped by their base model."""
+    with store.connect(home) as db:
+        rows = store.artifacts(db, kind="adapter") + store.artifacts(db, kind="model")
+    if not rows:
+        return "None yet: finetune a model and it appears here (and in Quantize and Deploy)."
+    groups: dict[str, list[str]] = {}
+    for a in sorted(rows, key=lambda a: a["id"]):
+        meta = json.loads(a["meta_json"] or "{}")
+        loss = meta.get("eval_loss")
+        groups.setdefault(_short(meta.get("base_model", "?")), []).append(
+            f"- {a['kind']} **{a['name']}** (run `{a['run_id']}`, {meta.get('method', '')}"
+            + (f", r {meta['lora_r']}" if "lora_r" in meta and meta.get("method") != "full" else "")
+            + (f", validation loss {loss:.3f}" if loss is not None else "")
+            + f") `{a['path']}`"
+        )
+    return "\n".join(f"**Base {base}**\n" + "\n".join(items) for base, items in groups.items())
+
+
+def estimate_md(
+    base_model: str,
+    method: str,
+    lora_r: float,
+    batch_size: float,
+    max_seq_len: float,
+    checkpointing: bool,
+) -> str:
+    """The memory estimate for the form's settings, against this machine's free memory."""
+    arch = finetune.model_arch(base_model or "bundled")
+    if arch is None:
+        return "Memory estimate: unknown for this model until it is downloaded."
+    try:
+        config = FinetuneConfig(
+            dataset_dir="-",
+            base_model=base_model,
+            method=method or "lora",
+            lora_r=int(lora_r or 16),
+            batch_size=int(batch_size or 1),
+            max_seq_len=int(max_seq_len or 512),
+            gradient_checkpointing=bool(checkpointing),
+        )
+    except ValueError as e:
+        return f"Memory estimate: {e}"
+    gpu_free = _gpu_free_bytes()
+    import psutil
+
+    available = gpu_free if gpu_free is not None else psutil.virtual_memory().available
+    where = "GPU" if gpu_free is not None else "CPU"
+    estimate = finetune.estimate_memory(arch, config, gpu_free is not None, available)
+    icon = "⚠️ " if estimate["fits"] is False else ""
+    return f"{icon}Memory estimate ({where}): {finetune.format_estimate(estimate)}."
+
+
+def submit_finetune(
+    runner: JobRunner,
+    dataset_dir: str,
+    base_model: str,
+    method: str,
+    lora_r: float,
+    lora_alpha: float,
+    epochs: float,
+    max_steps: float,
+    learning_rate: float,
+    batch_size: float,
+    max_seq_len: float,
+    checkpointing: bool,
+    *advanced_values: Any,
+) -> tuple[str, str]:
+    """Validate the form and queue a finetune run."""
+    if not dataset_dir:
+        raise gr.Error("Pick a dataset (import one in the Data tab first).")
+    names = forms.form_fields(FinetuneConfig, exclude=HAND_LAID)
+    try:
+        config = FinetuneConfig(
+            dataset_dir=dataset_dir,
+            base_model=(base_model or "bundled").strip(),
+            method=method or "lora",
+            lora_r=int(lora_r),
+            lora_alpha=int(lora_alpha),
+            epochs=float(epochs),
+            max_steps=int(max_steps or 0),
+            learning_rate=float(learning_rate),
+            batch_size=int(batch_size),
+            max_seq_len=int(max_seq_len),
+            gradient_checkpointing=bool(checkpointing),
+            **forms.values_to_kwargs(FinetuneConfig, names, advanced_values),
+        )
+    except (ValueError, TypeError) as e:
+        raise gr.Error(f"Can't start: {e}") from e
+    name = f"{config.method} {Path(dataset_dir).parent.parent.name} on {_short(config.base_model)}"
+    run_id = runner.submit("finetune", config, name=name)
+    return run_id, *runs_tab.run_status(runner.home, run_id)[:1]
+
+
+def chat_turn(
+    chat: ChatClient,
+    model_a: str,
+    model_b: str,
+    system: str,
+    message: str,
+    history_a: list | None,
+    history_b: list | None,
+    max_new_tokens: float,
+    temperature: float,
+) -> Iterator[tuple[list, list, str]]:
+    """Send one message to model A (and B), streaming each reply into its own column."""
+    if not (message or "").strip():
+        raise gr.Error("Type a message first.")
+    if not model_a:
+        raise gr.Error("Pick model A.")
+    histories = [list(history_a or []), list(history_b or [])]
+    for side, model in enumerate((model_a, model_b)):
+        if not model:
+            continue
+        prior = [{"role": m["role"], "content": _text(m["content"])} for m in histories[side]]
+        turns = (
+            ([{"role": "system", "content": system}] if system else [])
+            + prior
+            + [{"role": "user", "content": message}]
+        )
+        histories[side] += [
+            {"role": "user", "content": message},
+            {"role": "assistant", "content": ""},
+        ]
+        try:
+            for piece in chat.stream(model, turns, int(max_new_tokens), float(temperature)):
+                histories[side][-1]["content"] += piece
+                yield histories[0], histories[1], ""
+        except ChatError as e:
+            raise gr.Error(f"Model {'AB'[side]} can't answer: {e}") from e
+    yield histories[0], histories[1], ""
+
+
+def _text(content: Any) -> str:
+    """Chatbot message content back to plain text (Gradio may wrap it in a list of parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return str(content)
+
+
+def _short(spec: str) -> str:
+    return "bundled SmolLM2" if spec in ("", "bundled") else Path(spec).name or spec
+
+
+def _gpu_free_bytes() -> int | None:
+    """Free memory of the first GPU from nvidia-smi (the web process does not load torch)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
+        return int(out.split()[0]) * 2**20
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None

@@ -55,6 +55,14 @@ class Cancelled(Exception):  # noqa: N818 - the name is the contract (DESIGN.md)
     """Raised by a Reporter when the user asked to stop this run."""
 
 
+def option(default: Any = dataclasses.MISSING, label: str = "", help: str = "") -> Any:  # noqa: A002
+    """A config field with the label and help text that its form shows."""
+    metadata = {"label": label, "help": help}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 CHECKPOINT_DIR = (
     "checkpoints"  # a step that can resume keeps its checkpoints in workdir/checkpoints
 )

@@ -16,11 +16,11 @@ import statistics
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.base import Log, Progress, Reporter, StepError, StepResult, main
+from pipelines.base import Log, Progress, Reporter, StepError, StepResult, main, option
 
 SHAPES = (
     "messages",
@@ -95,113 +95,58 @@ _BATCH = 256
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetConfig:
-    name: str = field(metadata={"label": "Dataset name", "help": "Shown in every dataset list."})
-    files: list[str] = field(
-        default_factory=list,
-        metadata={
-            "label": "Files",
-            "help": "CSV, TSV, JSON, JSONL, Parquet or TXT files; rows are concatenated.",
-        },
+    name: str = option(label="Dataset name", help="Shown in every dataset list.")
+    files: list[str] = option(
+        [], "Files", "CSV, TSV, JSON, JSONL, Parquet or TXT files; rows are concatenated."
     )
-    hub_dataset: str = field(
-        default="",
-        metadata={
-            "label": "Hub dataset",
-            "help": "A Hugging Face dataset id instead of files (needs network).",
-        },
+    hub_dataset: str = option(
+        "", "Hub dataset", "A Hugging Face dataset id instead of files (needs network)."
     )
-    hub_config: str = field(
-        default="",
-        metadata={
-            "label": "Hub config",
-            "help": "The dataset's configuration (subset), if it has several.",
-        },
+    hub_config: str = option(
+        "", "Hub config", "The dataset's configuration (subset), if it has several."
     )
-    hub_split: str = field(
-        default="train",
-        metadata={"label": "Hub split", "help": "Which split to read, e.g. train or train[:1000]."},
+    hub_split: str = option(
+        "train", "Hub split", "Which split to read, e.g. train or train[:1000]."
     )
-    shape: str = field(
-        default="auto",
-        metadata={
-            "label": "Shape",
-            "help": "How rows are read: auto-detected from the columns, or one of "
-            + ", ".join(SHAPES)
-            + ".",
-        },
+    shape: str = option(
+        "auto",
+        "Shape",
+        (
+            "How rows are read: auto-detected from the columns, or one of messages, sharegpt, "
+            "alpaca, prompt_completion, question_answer, classification, text."
+        ),
     )
-    mapping: dict[str, str] = field(
-        default_factory=dict,
-        metadata={
-            "label": "Column mapping",
-            "help": "Role -> column, overriding detection. Roles: " + ", ".join(ROLES) + ".",
-        },
+    mapping: dict[str, str] = option(
+        {},
+        "Column mapping",
+        (
+            "Role -> column, overriding detection. Roles: messages, prompt, input, response, text, "
+            "label, system."
+        ),
     )
-    system_prompt: str = field(
-        default="",
-        metadata={
-            "label": "System prompt",
-            "help": "Added as the first turn of rows that have none.",
-        },
+    system_prompt: str = option(
+        "", "System prompt", "Added as the first turn of rows that have none."
     )
-    tokenizer_model: str = field(
-        default="bundled",
-        metadata={
-            "label": "Tokenizer of",
-            "help": "Model whose tokenizer and chat template count tokens.",
-        },
+    tokenizer_model: str = option(
+        "bundled", "Tokenizer of", "Model whose tokenizer and chat template count tokens."
     )
-    max_tokens: int = field(
-        default=2048,
-        metadata={
-            "label": "Max tokens",
-            "help": "Rows longer than this are dropped as too long; 0 keeps all.",
-        },
+    max_tokens: int = option(
+        2048, "Max tokens", "Rows longer than this are dropped as too long; 0 keeps all."
     )
-    drop_duplicates: bool = field(
-        default=True,
-        metadata={
-            "label": "Drop duplicates",
-            "help": "Drop rows whose conversation repeats an earlier one.",
-        },
+    drop_duplicates: bool = option(
+        True, "Drop duplicates", "Drop rows whose conversation repeats an earlier one."
     )
-    train_ratio: float = field(
-        default=0.9, metadata={"label": "Train share", "help": "Share of rows for training."}
+    train_ratio: float = option(0.9, "Train share", "Share of rows for training.")
+    validation_ratio: float = option(
+        0.1, "Validation share", "Share of rows held out to validate while training."
     )
-    validation_ratio: float = field(
-        default=0.1,
-        metadata={
-            "label": "Validation share",
-            "help": "Share of rows held out to validate while training.",
-        },
+    test_ratio: float = option(
+        0.0, "Test share", "Share of rows held out for the final evaluation."
     )
-    test_ratio: float = field(
-        default=0.0,
-        metadata={
-            "label": "Test share",
-            "help": "Share of rows held out for the final evaluation.",
-        },
-    )
-    seed: int = field(
-        default=42,
-        metadata={
-            "label": "Seed",
-            "help": "Seed of the shuffle before splitting (same seed, same split).",
-        },
-    )
-    max_rows: int = field(
-        default=0,
-        metadata={
-            "label": "Max rows",
-            "help": "Stop reading after this many rows; 0 reads everything.",
-        },
-    )
-    max_file_mb: int = field(
-        default=200,
-        metadata={
-            "label": "Max file size (MB)",
-            "help": "Files larger than this are refused before parsing.",
-        },
+    seed: int = option(42, "Seed", "Seed of the shuffle before splitting (same seed, same split).")
+    max_rows: int = option(0, "Max rows", "Stop reading after this many rows; 0 reads everything.")
+    max_file_mb: int = option(
+        200, "Max file size (MB)", "Files larger than this are refused before parsing."
     )
 
     def __post_init__(self):

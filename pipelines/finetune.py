@@ -10,7 +10,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +24,7 @@ from pipelines.base import (
     StepError,
     StepResult,
     main,
+    option,
 )
 
 METHODS = ("lora", "qlora", "full")
@@ -42,198 +43,104 @@ BUNDLED_ARCH = {
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
-    dataset_dir: str = field(
-        metadata={
-            "label": "Dataset",
-            "help": "A dataset folder from the Data tab (train.jsonl, validation.jsonl).",
-        }
+    dataset_dir: str = option(
+        label="Dataset", help="A dataset folder from the Data tab (train.jsonl, validation.jsonl)."
     )
-    base_model: str = field(
-        default="bundled",
-        metadata={
-            "label": "Base model",
-            "help": "'bundled' (SmolLM2-135M-Instruct), a model folder or a Hub id.",
-        },
+    base_model: str = option(
+        "bundled", "Base model", "'bundled' (SmolLM2-135M-Instruct), a model folder or a Hub id."
     )
-    method: Literal["lora", "qlora", "full"] = field(
-        default="lora",
-        metadata={
-            "label": "Method",
-            "help": "lora: small adapter (default); qlora: adapter on a 4-bit base "
-            "(saves GPU memory; on CPU it is slower and saves nothing); "
-            "full: every weight.",
-        },
+    method: Literal["lora", "qlora", "full"] = option(
+        "lora",
+        "Method",
+        (
+            "lora: small adapter (default); qlora: adapter on a 4-bit base (saves GPU memory; on "
+            "CPU it is slower and saves nothing); full: every weight."
+        ),
     )
-    lora_r: int = field(
-        default=16,
-        metadata={
-            "label": "LoRA rank",
-            "help": "Adapter rank r: higher = more capacity and memory.",
-        },
+    lora_r: int = option(16, "LoRA rank", "Adapter rank r: higher = more capacity and memory.")
+    lora_alpha: int = option(32, "LoRA alpha", "Adapter scale numerator (the scale is alpha / r).")
+    lora_dropout: float = option(
+        0.05, "LoRA dropout", "Dropout on the adapter input; 0.1 fights overfitting."
     )
-    lora_alpha: int = field(
-        default=32,
-        metadata={
-            "label": "LoRA alpha",
-            "help": "Adapter scale numerator (the scale is alpha / r).",
-        },
+    target_modules: str = option(
+        "all-linear", "Target modules", "'all-linear', or comma-separated names like q_proj,v_proj."
     )
-    lora_dropout: float = field(
-        default=0.05,
-        metadata={
-            "label": "LoRA dropout",
-            "help": "Dropout on the adapter input; 0.1 fights overfitting.",
-        },
+    use_rslora: bool = option(False, "rsLoRA", "Scale by alpha / sqrt(r): steadier at high ranks.")
+    use_dora: bool = option(False, "DoRA", "Weight-decomposed LoRA: often better, slower per step.")
+    use_chat_template: bool = option(
+        True, "Use chat template", "Format conversations with the model's own template."
     )
-    target_modules: str = field(
-        default="all-linear",
-        metadata={
-            "label": "Target modules",
-            "help": "'all-linear', or comma-separated names like q_proj,v_proj.",
-        },
+    text_template: str = option(
+        "",
+        "Text template",
+        (
+            "Instead of the chat template: text with {column} placeholders, e.g. '### Q: "
+            "{text}\\n### A: {label}'."
+        ),
     )
-    use_rslora: bool = field(
-        default=False,
-        metadata={"label": "rsLoRA", "help": "Scale by alpha / sqrt(r): steadier at high ranks."},
+    assistant_only_loss: bool = option(
+        True,
+        "Loss on answers only",
+        "Learn only from the assistant turns, not the prompts (chat template only).",
     )
-    use_dora: bool = field(
-        default=False,
-        metadata={
-            "label": "DoRA",
-            "help": "Weight-decomposed LoRA: often better, slower per step.",
-        },
+    max_seq_len: int = option(
+        512, "Max length", "Tokens per example; longer ones are cut (and counted)."
     )
-    use_chat_template: bool = field(
-        default=True,
-        metadata={
-            "label": "Use chat template",
-            "help": "Format conversations with the model's own template.",
-        },
+    max_samples: int = option(0, "Max samples", "Use at most this many training rows; 0 uses all.")
+    epochs: float = option(
+        1.0, "Epochs", "Passes over the training rows (ignored when max steps is set)."
     )
-    text_template: str = field(
-        default="",
-        metadata={
-            "label": "Text template",
-            "help": "Instead of the chat template: text with {column} "
-            "placeholders, e.g. '### Q: {text}\\n### A: {label}'.",
-        },
+    max_steps: int = option(0, "Max steps", "Optimizer steps to run; 0 follows the epochs.")
+    learning_rate: float = option(
+        0.0002, "Learning rate", "Peak learning rate (LoRA 1e-4..5e-4; full 1e-5..5e-5)."
     )
-    assistant_only_loss: bool = field(
-        default=True,
-        metadata={
-            "label": "Loss on answers only",
-            "help": "Learn only from the assistant turns, not the prompts (chat template only).",
-        },
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = option(
+        "cosine", "Schedule", "How the learning rate decays."
     )
-    max_seq_len: int = field(
-        default=512,
-        metadata={
-            "label": "Max length",
-            "help": "Tokens per example; longer ones are cut (and counted).",
-        },
+    warmup_ratio: float = option(
+        0.03, "Warmup share", "Share of the steps that ramp the learning rate up."
     )
-    max_samples: int = field(
-        default=0,
-        metadata={
-            "label": "Max samples",
-            "help": "Use at most this many training rows; 0 uses all.",
-        },
+    weight_decay: float = option(0.01, "Weight decay", "AdamW weight decay.")
+    batch_size: int = option(4, "Batch size", "Examples per step on each device.")
+    gradient_accumulation: int = option(
+        1,
+        "Gradient accumulation",
+        "Steps summed before an update (a larger effective batch without more memory).",
     )
-    epochs: float = field(
-        default=1.0,
-        metadata={
-            "label": "Epochs",
-            "help": "Passes over the training rows (ignored when max steps is set).",
-        },
+    gradient_checkpointing: bool = option(
+        False,
+        "Gradient checkpointing",
+        "Recompute activations: much less memory, about 30% slower (on CPU far slower).",
     )
-    max_steps: int = field(
-        default=0,
-        metadata={"label": "Max steps", "help": "Optimizer steps to run; 0 follows the epochs."},
+    batching: Literal["length_grouped", "padded"] = option(
+        "length_grouped",
+        "Batching",
+        (
+            "length_grouped puts rows of similar length together so little is spent on padding; "
+            "padded is plain random batches."
+        ),
     )
-    learning_rate: float = field(
-        default=2e-4,
-        metadata={
-            "label": "Learning rate",
-            "help": "Peak learning rate (LoRA 1e-4..5e-4; full 1e-5..5e-5).",
-        },
+    eval_steps: int = option(
+        50, "Evaluate every", "Validation loss every N steps; 0 only at the end."
     )
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = field(
-        default="cosine", metadata={"label": "Schedule", "help": "How the learning rate decays."}
+    early_stopping_patience: int = option(
+        0,
+        "Early stopping",
+        (
+            "Stop after N evaluations without a better validation loss (keeps the best); "
+            "0 never stops early."
+        ),
     )
-    warmup_ratio: float = field(
-        default=0.03,
-        metadata={
-            "label": "Warmup share",
-            "help": "Share of the steps that ramp the learning rate up.",
-        },
+    save_steps: int = option(
+        50, "Checkpoint every", "Save a checkpoint every N steps (for resume)."
     )
-    weight_decay: float = field(
-        default=0.01, metadata={"label": "Weight decay", "help": "AdamW weight decay."}
+    seed: int = option(42, "Seed", "Random seed.")
+    merge: bool = option(
+        True,
+        "Merge adapter",
+        "Also write the base model with the adapter merged in (what Quantize and Deploy take).",
     )
-    batch_size: int = field(
-        default=4, metadata={"label": "Batch size", "help": "Examples per step on each device."}
-    )
-    gradient_accumulation: int = field(
-        default=1,
-        metadata={
-            "label": "Gradient accumulation",
-            "help": "Steps summed before an update (a larger effective batch without more memory).",
-        },
-    )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={
-            "label": "Gradient checkpointing",
-            "help": "Recompute activations: much less memory, "
-            "about 30% slower (on CPU far slower).",
-        },
-    )
-    batching: Literal["length_grouped", "padded"] = field(
-        default="length_grouped",
-        metadata={
-            "label": "Batching",
-            "help": "length_grouped puts rows of similar length together so "
-            "little is spent on padding; padded is plain random batches.",
-        },
-    )
-    eval_steps: int = field(
-        default=50,
-        metadata={
-            "label": "Evaluate every",
-            "help": "Validation loss every N steps; 0 only at the end.",
-        },
-    )
-    early_stopping_patience: int = field(
-        default=0,
-        metadata={
-            "label": "Early stopping",
-            "help": "Stop after N evaluations without a better validation "
-            "loss (keeps the best); 0 never stops early.",
-        },
-    )
-    save_steps: int = field(
-        default=50,
-        metadata={
-            "label": "Checkpoint every",
-            "help": "Save a checkpoint every N steps (for resume).",
-        },
-    )
-    seed: int = field(default=42, metadata={"label": "Seed", "help": "Random seed."})
-    merge: bool = field(
-        default=True,
-        metadata={
-            "label": "Merge adapter",
-            "help": "Also write the base model with the adapter merged in "
-            "(what Quantize and Deploy take).",
-        },
-    )
-    gpus: int = field(
-        default=0,
-        metadata={
-            "label": "GPUs",
-            "help": "GPUs to train on through accelerate: 0 = all the machine has.",
-        },
-    )
+    gpus: int = option(0, "GPUs", "GPUs to train on through accelerate: 0 = all the machine has.")
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -315,7 +222,7 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
     )
     gpus = torch.cuda.device_count() if cuda else 0
     if gpus > 1 and config.gpus != 1 and "LOCAL_RANK" not in os.environ:
-        return _launch_distributed(config, workdir, report, min(gpus, config.gpus or gpus))
+        return launch_distributed(config, workdir, report, min(gpus, config.gpus or gpus))
 
     model = _load_model(model_path, config, cuda)
     trainer, bridge, counter = _trainer(
@@ -925,8 +832,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
 
 
-def _launch_distributed(
-    config: FinetuneConfig, workdir: Path, report: Reporter, gpus: int
+def launch_distributed(
+    config: FinetuneConfig, workdir: Path, report: Reporter, processes: int, cuda: bool = True
 ) -> StepResult:
     """Several GPUs: the same step under `accelerate launch`, one process per GPU; rank 0 reports
     through a JSONL file that this process forwards, and a stop file carries a cancel."""
@@ -943,9 +850,9 @@ def _launch_distributed(
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
+        "--multi_gpu" if cuda else "--cpu",
         "--num_processes",
-        str(gpus),
+        str(processes),
         "-m",
         "pipelines.finetune",
         "--config",
@@ -957,7 +864,8 @@ def _launch_distributed(
         "--stop-file",
         str(stop),
     ]
-    report(Log(f"training on {gpus} GPUs: {' '.join(command[2:])}"))
+    where = f"{processes} GPUs" if cuda else f"{processes} CPU processes"
+    report(Log(f"training on {where}: {' '.join(command[2:])}"))
     proc = subprocess.Popen(command, start_new_session=False)
     offset, result = 0, None
     while True:

@@ -231,8 +231,13 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
     checkpoints = sorted(
         (workdir / CHECKPOINT_DIR).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
     )
+    before = None
     if checkpoints:
         report(Log(f"resuming from {checkpoints[-1].name}"))
+    elif validation is not None:  # the baseline, so that the curve shows what training changed
+        report(Progress(0, 1, "validation loss before training"))
+        before = trainer.evaluate(validation)["eval_loss"]
+        report(Metrics(step=0, values={"eval_loss": before}))
     started = time.monotonic()
     result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
     if bridge.cancelled:
@@ -244,6 +249,7 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
     summary = _summary(
         config, result, metrics, trainer, counter, data_stats, estimate, train_seconds, model_path
     )
+    summary["eval_loss_before"] = before
     report(
         Metrics(
             step=trainer.state.global_step,
@@ -789,7 +795,6 @@ def _summary(
 ) -> dict[str, Any]:
     history = trainer.state.log_history
     first_loss = next((h["loss"] for h in history if "loss" in h), None)
-    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     tokens = trainer.state.num_input_tokens_seen or counter.real
     params = sum(p.numel() for p in trainer.model.parameters())
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -801,7 +806,7 @@ def _summary(
         "epochs": round(trainer.state.epoch or 0, 3),
         "train_loss_first": first_loss,
         "train_loss": result.training_loss,
-        "eval_loss_first": eval_losses[0] if eval_losses else None,
+        "eval_loss_before": None,
         "eval_loss": metrics.get("eval_loss"),
         "perplexity": math.exp(metrics["eval_loss"]) if "eval_loss" in metrics else None,
         "train_seconds": round(train_seconds, 1),
@@ -826,7 +831,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     return (
         f"{summary['method']} on {summary['base_model']}: {summary['steps']} steps, "
         f"train loss {num('train_loss_first')} -> {num('train_loss')}, validation loss "
-        f"{num('eval_loss_first')} -> {num('eval_loss')}, {num('tokens_per_s')} tokens/s, "
+        f"{num('eval_loss_before')} -> {num('eval_loss')}, {num('tokens_per_s')} tokens/s, "
         f"padding {num('padding_share', '{:.0%}')} of computed tokens, "
         f"{summary['trainable_parameters']:,} of {summary['parameters']:,} parameters trained"
     )
@@ -842,6 +847,7 @@ def launch_distributed(
 
     from pipelines.base import config_to_dict
 
+    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(config_to_dict(config)))
     events, stop = workdir / "events.jsonl", workdir / "stop"
     events.unlink(missing_ok=True)
@@ -886,7 +892,7 @@ def launch_distributed(
         if done:
             break
         time.sleep(0.5)
-    if stop.exists():
+    if stop.exists() and result is None:  # (a cancel that came after the end changes nothing)
         raise Cancelled()
     if proc.returncode != 0 or result is None:
         raise StepError(f"distributed training failed (exit code {proc.returncode}); see the log")

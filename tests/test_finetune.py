@@ -191,3 +191,29 @@ def test_an_adapter_is_refused_as_base(tiny_lm, tiny_dataset, tmp_path, events):
         finetune.run(
             _config(tiny_lm, tiny_dataset, base_model=str(tmp_path)), tmp_path / "o", events.append
         )
+
+
+@pytest.mark.slow
+def test_two_processes_through_accelerate_report_save_and_cancel(tiny_lm, tiny_dataset, tmp_path):
+    """The several-GPU path, run here with two CPU processes (gloo): rank 0's events reach the
+    reporter, outputs are saved once, and a cancel stops every rank at the same step."""
+    config = _config(tiny_lm, tiny_dataset, max_steps=4, batch_size=2)
+    events = []
+    result = finetune.launch_distributed(config, tmp_path / "a", events.append, 2, cuda=False)
+    assert result.summary["steps"] == 4
+    assert (tmp_path / "a" / "merged" / "config.json").exists()
+    assert [e.done for e in events if isinstance(e, Progress) and e.total == 4][-1] == 4
+
+    def cancel_at_2(event):
+        if isinstance(event, Progress) and event.total == 400 and event.done >= 2:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        finetune.launch_distributed(
+            _config(tiny_lm, tiny_dataset, max_steps=400, batch_size=2, save_steps=100),
+            tmp_path / "b",
+            cancel_at_2,
+            2,
+            cuda=False,
+        )
+    assert list((tmp_path / "b" / "checkpoints").glob("checkpoint-*"))

@@ -46,20 +46,33 @@ def main() -> None:
         tmp = Path(tmp)
         os.environ.setdefault("STUDIO_HOME", str(tmp))
         (tmp / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed_length_rows()))
-        dataset.run(dataset.DatasetConfig(name="mixed", files=[str(tmp / "rows.jsonl")]),
-                    tmp / "data", lambda event: None)
+        dataset.run(
+            dataset.DatasetConfig(name="mixed", files=[str(tmp / "rows.jsonl")]),
+            tmp / "data",
+            lambda event: None,
+        )
         results = {}
         for batching in ("padded", "length_grouped"):
             config = finetune.FinetuneConfig(
-                dataset_dir=str(tmp / "data" / "dataset"), batching=batching,
-                max_steps=args.steps, batch_size=8, max_seq_len=512, eval_steps=0,
-                save_steps=1000, merge=False, warmup_ratio=0.0)
+                dataset_dir=str(tmp / "data" / "dataset"),
+                batching=batching,
+                max_steps=args.steps,
+                batch_size=8,
+                max_seq_len=512,
+                eval_steps=0,
+                save_steps=1000,
+                merge=False,
+                warmup_ratio=0.0,
+            )
             started = time.monotonic()
             summary = finetune.run(config, tmp / batching, _quiet).summary
             results[batching] = summary
-            print(f"{batching:>15}: {summary['tokens_per_s']:.1f} real tokens/s, padding "
-                  f"{summary['padding_share']:.0%} of computed tokens, "
-                  f"{time.monotonic() - started:.0f} s for {args.steps} steps", flush=True)
+            print(
+                f"{batching:>15}: {summary['tokens_per_s']:.1f} real tokens/s, padding "
+                f"{summary['padding_share']:.0%} of computed tokens, "
+                f"{time.monotonic() - started:.0f} s for {args.steps} steps",
+                flush=True,
+            )
     ratio = results["length_grouped"]["tokens_per_s"] / results["padded"]["tokens_per_s"]
     print(f"BENCH finetune_length_grouped_over_padded_tokens_per_s {ratio:.2f} >= 1.5")
 

@@ -24,33 +24,55 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run this on a machine with an NVIDIA GPU")
-    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
-          f"bf16 {torch.cuda.is_bf16_supported()}", flush=True)
+    print(
+        f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
+        f"bf16 {torch.cuda.is_bf16_supported()}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ.setdefault("STUDIO_HOME", str(tmp))
-        dataset.run(dataset.DatasetConfig(name="sample", files=[str(dataset.SAMPLE_DATASET)],
-                                          system_prompt=dataset.SAMPLE_SYSTEM_PROMPT),
-                    tmp / "data", lambda event: None)
+        dataset.run(
+            dataset.DatasetConfig(
+                name="sample",
+                files=[str(dataset.SAMPLE_DATASET)],
+                system_prompt=dataset.SAMPLE_SYSTEM_PROMPT,
+            ),
+            tmp / "data",
+            lambda event: None,
+        )
         results = {}
         for method in ("lora", "qlora"):
             torch.cuda.reset_peak_memory_stats()
             config = finetune.FinetuneConfig(
-                dataset_dir=str(tmp / "data" / "dataset"), method=method, max_steps=60,
-                batch_size=16, learning_rate=3e-4, eval_steps=0, save_steps=1000)
+                dataset_dir=str(tmp / "data" / "dataset"),
+                method=method,
+                max_steps=60,
+                batch_size=16,
+                learning_rate=3e-4,
+                eval_steps=0,
+                save_steps=1000,
+            )
             started = time.monotonic()
             summary = finetune.run(config, tmp / method, lambda event: None).summary
             results[method] = summary
-            print(f"{method}: {summary['tokens_per_s']:.0f} tokens/s, peak "
-                  f"{summary['peak_memory_mb']:.0f} MB, validation loss "
-                  f"{summary['eval_loss_before']:.3f} -> {summary['eval_loss']:.3f}, "
-                  f"{time.monotonic() - started:.0f} s", flush=True)
+            print(
+                f"{method}: {summary['tokens_per_s']:.0f} tokens/s, peak "
+                f"{summary['peak_memory_mb']:.0f} MB, validation loss "
+                f"{summary['eval_loss_before']:.3f} -> {summary['eval_loss']:.3f}, "
+                f"{time.monotonic() - started:.0f} s",
+                flush=True,
+            )
     lora, qlora = results["lora"], results["qlora"]
     print(f"BENCH gpu_lora_bf16_tokens_per_s {lora['tokens_per_s']:.0f} >= 1000")
-    print(f"BENCH gpu_qlora_over_lora_peak_memory "
-          f"{qlora['peak_memory_mb'] / lora['peak_memory_mb']:.2f} <= 1")
-    print(f"BENCH gpu_qlora_validation_loss_drop "
-          f"{qlora['eval_loss_before'] - qlora['eval_loss']:.3f} > 0")
+    print(
+        f"BENCH gpu_qlora_over_lora_peak_memory "
+        f"{qlora['peak_memory_mb'] / lora['peak_memory_mb']:.2f} <= 1"
+    )
+    print(
+        f"BENCH gpu_qlora_validation_loss_drop "
+        f"{qlora['eval_loss_before'] - qlora['eval_loss']:.3f} > 0"
+    )
 
 
 if __name__ == "__main__":

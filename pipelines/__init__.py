@@ -4,7 +4,12 @@ and run(config, workdir, report) -> StepResult."""
 import importlib
 from types import ModuleType
 
-STEP_NAMES = ("dataset", "finetune")  # stored in runs.step: never rename one
+STEP_NAMES = (
+    "dataset",
+    "synthesize",
+    "finetune",
+    "evaluate",
+)  # stored in runs.step: never rename one
 
 
 def __getattr__(name: str) -> dict[str, ModuleType]:

@@ -11,7 +11,6 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from pipelines.base import StepError
@@ -22,31 +21,16 @@ KEEP_LOADED = 2  # side by side needs two
 
 def load(spec: str) -> tuple[Any, Any]:
     """(model, tokenizer) for a model spec or an adapter folder; the last two stay loaded."""
-    from pipelines.models import load_tokenizer, resolve_model
+    from pipelines.models import load_causal_lm, resolve_model
 
     path = resolve_model(spec)
     if path in _loaded:
         _loaded.move_to_end(path)
         return _loaded[path]
-    if (Path(path) / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(path)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        file = Path(path)
-        model = (
-            AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name)
-            if file.is_file()
-            else AutoModelForCausalLM.from_pretrained(path)
-        )
-    model.eval()
-    tokenizer = load_tokenizer(path)
-    _loaded[path] = (model, tokenizer)
+    _loaded[path] = load_causal_lm(path)
     while len(_loaded) > KEEP_LOADED:
         _loaded.popitem(last=False)
-    return model, tokenizer
+    return _loaded[path]
 
 
 def stream(

@@ -200,7 +200,7 @@ def run(config: DatasetConfig, workdir: Path, report: Reporter) -> StepResult:
         stats, labels = _normalize_all(config, sources, tokenizer, tmp / "all.jsonl", report)
         report(Progress(900, 1000, "splitting"))
         stats["splits"] = _split(tmp / "all.jsonl", labels, config, tmp)
-        stats["content_hash"] = _content_hash(tmp)
+        stats["content_hash"] = content_hash(tmp)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
         (tmp / "README.md").write_text(dataset_card(config, stats), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
@@ -1002,7 +1002,7 @@ def _split(
     return {s: counts[s] for s in names}
 
 
-def _content_hash(folder: Path) -> str:
+def content_hash(folder: Path) -> str:
     digest = hashlib.sha256()
     for split in SPLITS:
         path = folder / f"{split}.jsonl"

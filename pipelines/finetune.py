@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,6 +142,35 @@ class FinetuneConfig:
         "Also write the base model with the adapter merged in (what Quantize and Deploy take).",
     )
     gpus: int = option(0, "GPUs", "GPUs to train on through accelerate: 0 = all the machine has.")
+    keep_layers: int = option(
+        0,
+        "Keep layers",
+        (
+            "Train a pruned copy of the base: keep this many of its layers, chosen evenly "
+            "(a smaller student that shares its tokenizer); 0 keeps them all."
+        ),
+    )
+    teacher_model: str = option(
+        "",
+        "Teacher for logits",
+        (
+            "A local teacher with the student's vocabulary: the student also learns the "
+            "teacher's token probabilities (token-level distillation). Empty: answers only."
+        ),
+    )
+    distill_loss: Literal["kl", "jsd"] = option(
+        "kl",
+        "Distillation loss",
+        "kl: forward KL from the teacher; jsd: Jensen-Shannon (beta 0.5), more forgiving.",
+    )
+    distill_temperature: float = option(
+        1.0, "Distillation temperature", "Softens both distributions before comparing them."
+    )
+    distill_weight: float = option(
+        0.5,
+        "Distillation weight",
+        "Share of the loss from the teacher's logits; the rest is the plain loss on the answers.",
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -148,7 +178,14 @@ class FinetuneConfig:
         for name in ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_samples", "max_steps", "eval_steps", "early_stopping_patience", "gpus"):
+        for name in (
+            "max_samples",
+            "max_steps",
+            "eval_steps",
+            "early_stopping_patience",
+            "gpus",
+            "keep_layers",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.save_steps < 1:
@@ -164,6 +201,8 @@ class FinetuneConfig:
                 "use_chat_template is off and text_template is empty: give a "
                 "text_template with {column} placeholders, or use the chat template"
             )
+        if not 0 <= self.distill_weight <= 1 or self.distill_temperature <= 0:
+            raise ValueError("distill_weight must be in [0, 1] and distill_temperature > 0")
         if self.early_stopping_patience and not self.eval_steps:
             raise ValueError("early_stopping_patience needs eval_steps > 0")
 
@@ -179,7 +218,7 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
     """Train, save the adapter (and the merged model), and summarize; resumes from checkpoints."""
     import torch
 
-    from pipelines.models import load_tokenizer, resolve_model
+    from pipelines.models import load_tokenizer, prune_layers, resolve_model
 
     model_path = resolve_model(config.base_model)
     if (Path(model_path) / "adapter_config.json").exists():
@@ -191,11 +230,24 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
         raise StepError(
             "QLoRA needs bitsandbytes 4-bit kernels, which don't load here. Use LoRA instead."
         )
+    pruned = None
+    if config.keep_layers:
+        report(Progress(0, 1, f"pruning the base to {config.keep_layers} layers"))
+        pruned = prune_layers(model_path, config.keep_layers, workdir / "student_base")
+        model_path = str(workdir / "student_base")
+        report(Log(f"student: {pruned['kept']} of the base's {pruned['layers']} layers"))
     tokenizer = load_tokenizer(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     cuda = torch.cuda.is_available()
-    estimate = estimate_memory(_arch(model_path), config, cuda, _available_memory(cuda))
+    teacher_path, distillation = _teacher_path(config, tokenizer, report)
+    estimate = estimate_memory(
+        _arch(model_path),
+        config,
+        cuda,
+        _available_memory(cuda),
+        teacher_arch=_arch(teacher_path) if teacher_path else None,
+    )
     report(
         Log(
             f"memory estimate: {format_estimate(estimate)}",
@@ -225,8 +277,9 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
         return launch_distributed(config, workdir, report, min(gpus, config.gpus or gpus))
 
     model = _load_model(model_path, config, cuda)
+    teacher = _load_teacher(teacher_path, cuda) if teacher_path else None
     trainer, bridge, counter = _trainer(
-        model, tokenizer, train, validation, config, workdir, report, cuda
+        model, tokenizer, train, validation, config, workdir, report, cuda, teacher
     )
     checkpoints = sorted(
         (workdir / CHECKPOINT_DIR).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
@@ -238,6 +291,7 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
         report(Progress(0, 1, "validation loss before training"))
         before = trainer.evaluate(validation)["eval_loss"]
         report(Metrics(step=0, values={"eval_loss": before}))
+    kl_before = _kl_to_teacher(trainer, teacher, validation or train) if teacher else None
     started = time.monotonic()
     result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
     if bridge.cancelled:
@@ -250,6 +304,18 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
         config, result, metrics, trainer, counter, data_stats, estimate, train_seconds, model_path
     )
     summary["eval_loss_before"] = before
+    summary["distillation"] = distillation
+    if pruned:
+        summary["pruned_from_layers"] = pruned["layers"]
+    if teacher is not None:
+        summary["kl_to_teacher_before"] = kl_before
+        summary["kl_to_teacher"] = _kl_to_teacher(trainer, teacher, validation or train)
+        report(
+            Log(
+                f"KL to the teacher on {'validation' if validation else 'training'} tokens: "
+                f"{kl_before:.4f} -> {summary['kl_to_teacher']:.4f}"
+            )
+        )
     report(
         Metrics(
             step=trainer.state.global_step,
@@ -260,6 +326,18 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
     )
     report(Progress(trainer.state.global_step, trainer.state.global_step, "saving"))
     artifacts = _save_outputs(trainer, tokenizer, config, model_path, workdir, summary, report)
+    if pruned:  # the untrained student, for the evaluation's "before" column
+        artifacts.append(
+            (
+                "model",
+                "student_base",
+                {
+                    "name": f"pruned base ({pruned['kept']} of {pruned['layers']} layers)",
+                    "base_model": config.base_model,
+                    "method": "pruned",
+                },
+            )
+        )
     shutil.rmtree(workdir / CHECKPOINT_DIR, ignore_errors=True)  # done: resume no longer needed
     report(Log(format_summary(summary)))
     return StepResult(artifacts=artifacts, summary=summary)
@@ -269,20 +347,25 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
 
 
 def estimate_memory(
-    arch: dict[str, Any], config: FinetuneConfig, cuda: bool, available: int | None = None
+    arch: dict[str, Any],
+    config: FinetuneConfig,
+    cuda: bool,
+    available: int | None = None,
+    teacher_arch: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Rough bytes for weights, adapter, gradients + optimizer states and activations.
+    """Rough bytes for weights, adapter, gradients + optimizer states, activations, and the
+    teacher's weights and logits when distilling on logits.
 
     Activations assume a decoder layer keeps ~34 * hidden + 5 * heads * length values per token
     (Korthikanti et al., 2022) in 32-bit on CPU, 16-bit on GPU; the logits are counted apart.
     """
     h, inter, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+    if config.keep_layers:
+        layers = min(layers, config.keep_layers)
     heads, vocab = arch["num_attention_heads"], arch["vocab_size"]
     kv = arch.get("num_key_value_heads") or heads
     head_dim = arch.get("head_dim") or h // heads
-    per_layer = h * heads * head_dim * 2 + h * kv * head_dim * 2 + 3 * h * inter
-    embed = vocab * h * (1 if arch.get("tie_word_embeddings", True) else 2)
-    params = layers * per_layer + embed
+    params = count_parameters({**arch, "num_hidden_layers": layers})
     act_bytes = 2 if cuda else 4
     weight_bytes = 0.55 if config.method == "qlora" else act_bytes
     if config.method == "full":
@@ -314,17 +397,35 @@ def estimate_memory(
         "adapter": 0 if config.method == "full" else trainable * 4,
         "optimizer": trainable * 4 * 3,  # gradient + two Adam moments, fp32
         "activations": activations + logits,
+        "teacher": 0,
     }
-    estimate["total"] = sum(estimate[k] for k in ("weights", "adapter", "optimizer", "activations"))
+    if teacher_arch:  # frozen weights plus its logits for the batch (no gradients)
+        estimate["teacher"] = count_parameters(teacher_arch) * act_bytes + tokens * vocab * 4
+    estimate["total"] = sum(
+        estimate[k] for k in ("weights", "adapter", "optimizer", "activations", "teacher")
+    )
     estimate["available"] = available
     estimate["fits"] = None if available is None else estimate["total"] < 0.9 * available
     return estimate
 
 
+def count_parameters(arch: dict[str, Any]) -> int:
+    """Parameters of a decoder from its config numbers (attention, MLP, embeddings)."""
+    h, inter, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+    heads = arch["num_attention_heads"]
+    kv = arch.get("num_key_value_heads") or heads
+    head_dim = arch.get("head_dim") or h // heads
+    per_layer = h * heads * head_dim * 2 + h * kv * head_dim * 2 + 3 * h * inter
+    embed = arch["vocab_size"] * h * (1 if arch.get("tie_word_embeddings", True) else 2)
+    return layers * per_layer + embed
+
+
 def format_estimate(estimate: dict[str, Any]) -> str:
     gb = 1024**3
     parts = [
-        f"{k} {estimate[k] / gb:.2f} GB" for k in ("weights", "adapter", "optimizer", "activations")
+        f"{k} {estimate[k] / gb:.2f} GB"
+        for k in ("weights", "adapter", "optimizer", "activations", "teacher")
+        if k != "teacher" or estimate.get("teacher")
     ]
     text = f"about {estimate['total'] / gb:.2f} GB ({', '.join(parts)})"
     if estimate["available"]:
@@ -332,7 +433,9 @@ def format_estimate(estimate: dict[str, Any]) -> str:
     if estimate["fits"] is False:
         text += (
             ". It may not fit: lower the batch size or max length, turn on gradient "
-            "checkpointing, or use LoRA/QLoRA instead of full finetuning."
+            "checkpointing, or use LoRA/QLoRA instead of full finetuning"
+            + (", or distil from the teacher's answers only" if estimate.get("teacher") else "")
+            + "."
         )
     return text
 
@@ -548,6 +651,84 @@ def _load_model(model_path: str, config: FinetuneConfig, cuda: bool) -> Any:
     return model
 
 
+def _teacher_path(config: FinetuneConfig, tokenizer: Any, report: Reporter) -> tuple[str, str]:
+    """(the teacher's folder or "", how the student learns): logits need the same vocabulary."""
+    from pipelines.models import load_tokenizer, resolve_model
+
+    if not config.teacher_model.strip():
+        return "", "answers only" if not config.keep_layers else "answers only (pruned student)"
+    path = resolve_model(config.teacher_model)
+    teacher_vocab = load_tokenizer(path).get_vocab()
+    if teacher_vocab != tokenizer.get_vocab():
+        report(
+            Log(
+                f"the teacher's vocabulary ({len(teacher_vocab)} tokens) differs from the "
+                f"student's ({len(tokenizer.get_vocab())}): token-level distillation needs the "
+                "same one, so the student learns from the teacher's answers only "
+                "(sequence-level). Pick a student from the teacher's family, or a pruned copy.",
+                level="warning",
+            )
+        )
+        return "", "sequence-level (vocabularies differ)"
+    return path, (
+        f"logits ({config.distill_loss}, temperature {config.distill_temperature:g}, "
+        f"weight {config.distill_weight:g}) from {config.teacher_model}"
+    )
+
+
+def _load_teacher(path: str, cuda: bool) -> Any:
+    from pipelines.models import load_causal_lm
+
+    teacher, _ = load_causal_lm(path, dtype=_train_dtype(cuda))
+    if cuda:
+        teacher.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _distill_loss(
+    student_logits, teacher_logits, labels, config: FinetuneConfig, temperature: float = 0.0
+):
+    """Divergence from the teacher's next-token distribution on the answer tokens (TRL's
+    generalized JSD: beta 0 is the forward KL, 0.5 the symmetric JSD)."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd import GKDTrainer
+
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])  # padded embedding rows
+    return GKDTrainer.generalized_jsd_loss(
+        student_logits[:, :-1, :vocab],
+        teacher_logits[:, :-1, :vocab],
+        labels=labels[:, 1:],
+        beta=0.0 if config.distill_loss == "kl" else 0.5,
+        temperature=temperature or config.distill_temperature,
+    )
+
+
+def _kl_to_teacher(trainer, teacher, data, rows: int = 32) -> float:
+    """Mean KL(teacher || student) per answer token on a few rows (temperature 1)."""
+    import torch
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    total, batches = 0.0, 0
+    kl = dataclass_replace(trainer.distill_config, distill_loss="kl")
+    with torch.no_grad():
+        subset = data.select(range(min(rows, len(data))))
+        for batch in trainer.get_eval_dataloader(subset):
+            batch = {k: v.to(model.device) for k, v in batch.items() if k != "length"}
+            student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            teacher_out = teacher(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            )
+            total += float(
+                _distill_loss(student.logits, teacher_out.logits, batch["labels"], kl, 1.0)
+            )
+            batches += 1
+    model.train(was_training)
+    return round(total / max(batches, 1), 5)
+
+
 def _train_dtype(cuda: bool) -> Any:
     import torch
 
@@ -565,12 +746,12 @@ def _trainer(
     workdir: Path,
     report: Reporter,
     cuda: bool,
+    teacher: Any = None,
 ):
     import torch
     from transformers import (
         DataCollatorForSeq2Seq,
         EarlyStoppingCallback,
-        Trainer,
         TrainingArguments,
     )
 
@@ -620,7 +801,7 @@ def _trainer(
     callbacks = [bridge]
     if config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
-    trainer = Trainer(
+    trainer = _trainer_class(teacher, config)(
         model=model,
         args=args,
         train_dataset=train,
@@ -631,7 +812,46 @@ def _trainer(
     )
     if not evaluate and validation is not None:
         trainer.eval_dataset = validation  # still evaluated once at the end
+    trainer.distill_config = config
     return trainer, bridge, counter
+
+
+def _trainer_class(teacher: Any, config: FinetuneConfig):
+    """The HF Trainer, or with a teacher one whose training loss mixes in the divergence from
+    the teacher's logits (validation loss stays the plain loss, comparable across runs)."""
+    from transformers import Trainer
+
+    if teacher is None:
+        return Trainer
+
+    class DistillTrainer(Trainer):
+        distill_sum, distill_count = 0.0, 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            if model.training:
+                import torch
+
+                with torch.no_grad():
+                    teacher_logits = teacher(
+                        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+                    ).logits
+                divergence = _distill_loss(outputs.logits, teacher_logits, inputs["labels"], config)
+                self.distill_sum += float(divergence.detach())
+                self.distill_count += 1
+                weight = config.distill_weight
+                loss = (1 - weight) * loss + weight * divergence
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs and self.distill_count:
+                logs["distill_loss"] = self.distill_sum / self.distill_count
+                self.distill_sum, self.distill_count = 0.0, 0
+            super().log(logs, *args, **kwargs)
+
+    return DistillTrainer
 
 
 class _PaddingCounter:

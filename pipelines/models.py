@@ -81,6 +81,55 @@ def load_tokenizer(spec: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
+def load_causal_lm(spec: str, dtype: Any = None) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) for a model spec, a .gguf file or an adapter folder."""
+    path = Path(resolve_model(spec))
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    if (path / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(path), **kwargs)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        if path.is_file():  # a .gguf file
+            kwargs["gguf_file"] = path.name
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent if path.is_file() else path), **kwargs
+        )
+    model.eval()
+    return model, load_tokenizer(str(path))
+
+
+def prune_layers(spec: str, keep: int, out: Path) -> dict[str, int]:
+    """A smaller student: a copy of a model keeping `keep` of its decoder layers, chosen evenly
+    (always the first and the last); it shares the tokenizer. Returns the layer counts."""
+    import torch
+
+    model, tokenizer = load_causal_lm(spec, dtype=torch.float32)
+    layers = model.model.layers
+    total = len(layers)
+    if not 1 <= keep <= total:
+        raise StepError(
+            f"keep_layers must be between 1 and {total} (the model's layers), got {keep}"
+        )
+    chosen = sorted({round(i * (total - 1) / max(keep - 1, 1)) for i in range(keep)})
+    model.model.layers = torch.nn.ModuleList(layers[i] for i in chosen)
+    for new_index, layer in enumerate(model.model.layers):
+        if hasattr(layer.self_attn, "layer_idx"):
+            layer.self_attn.layer_idx = new_index  # the KV cache is indexed by position
+    model.config.num_hidden_layers = len(chosen)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in chosen]
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return {"layers": total, "kept": len(chosen)}
+
+
 def bundled_model_dir() -> Path:
     """The bundled model as a safetensors folder, converted once from its GGUF and cached."""
     target = models_dir() / BUNDLED

@@ -1,4 +1,4 @@
-"""Tiny tokenizer (and later models) built from config in well under a second, no network."""
+"""Tiny tokenizer and models built from config in well under a second, no network."""
 
 
 def build_tiny_tokenizer():
@@ -38,8 +38,8 @@ def build_tiny_tokenizer():
     return tok
 
 
-def build_tiny_causal_lm(path, seed=0, hidden_size=16):
-    """A 2-layer Llama with the tiny tokenizer, saved with its chat template."""
+def build_tiny_causal_lm(path, seed=0, hidden_size=16, layers=2):
+    """A small Llama (2 layers by default) with the tiny tokenizer, saved with its chat template."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -49,7 +49,7 @@ def build_tiny_causal_lm(path, seed=0, hidden_size=16):
         vocab_size=len(tok),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,

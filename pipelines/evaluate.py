@@ -1,0 +1,270 @@
+"""Student against teacher (and the untrained student) on held-out rows: the task metric,
+agreement with the teacher, perplexity, latency p50/p95, tokens/s, peak memory, parameters and
+size, and the three ratios of the course's case study (quality kept, time saved, memory saved).
+
+Run as: python -m pipelines.evaluate --config cfg.json --workdir out/
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pipelines.base import Log, Metrics, Progress, Reporter, StepError, StepResult, main, option
+from pipelines.generation import LocalModel, Reply, TeacherFields, memory_sampler
+from pipelines.tasks import Task, TaskFields, dataset_labels
+
+ROLES = ("teacher", "student", "student_base")
+SAMPLES = 8  # rows shown side by side in the report
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(TaskFields, TeacherFields):
+    dataset_dir: str = option(
+        label="Dataset", help="A dataset folder; its test split (else validation) is used."
+    )
+    student: str = option(label="Student", help="The trained student (a merged or full model).")
+    student_base: str = option(
+        "", "Student before training", "The untrained student, for the gain; empty skips it."
+    )
+    split: Literal["test", "validation"] = option(
+        "test", "Split", "Held-out rows to score (falls back to validation when test is empty)."
+    )
+    max_rows: int = option(40, "Max rows", "Rows scored (each model answers them one by one).")
+
+    def __post_init__(self):
+        self.check_task()
+        self.check_teacher()
+        if not self.student.strip():
+            raise ValueError("student must name a model")
+        if self.max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {self.max_rows}")
+
+    @property
+    def queue(self) -> str:
+        return "compute"
+
+
+CONFIG = EvaluateConfig
+
+
+def run(config: EvaluateConfig, workdir: Path, report: Reporter) -> StepResult:
+    """Answer the held-out prompts with each model, one at a time, and compare."""
+    folder = Path(config.dataset_dir)
+    rows, split = _held_out(folder, config)
+    labels = dataset_labels(folder) if config.task == "classification" else []
+    task = config.build(labels)
+    prompts = [task.messages(r) for r in rows]
+    references = [_original_reference(task, r) for r in rows]
+    models = {"teacher": config.teacher, "student": config.student}
+    if config.student_base.strip():
+        models["student_base"] = config.student_base
+    report(Log(f"scoring {len(rows)} {split} rows with {', '.join(models)} ({task.metric})"))
+    results: dict[str, dict[str, Any]] = {}
+    replies: dict[str, list[str]] = {}
+    for index, (role, spec) in enumerate(models.items()):
+        results[role], replies[role] = _measure(
+            role, spec, config, task, prompts, references, report, index, len(models)
+        )
+    for role in results:
+        if role != "teacher":
+            results[role]["agreement"] = _mean(
+                task.agreement(a, b) for a, b in zip(replies[role], replies["teacher"], strict=True)
+            )
+    summary = {
+        "task": task.name,
+        "metric": task.metric,
+        "split": split,
+        "rows": len(rows),
+        "teacher": config.teacher_id(),
+        "models": results,
+        "ratios": ratios(results),
+        "samples": [
+            {
+                "prompt": prompts[i][-1]["content"][:300],
+                "reference": references[i],
+                **{role: replies[role][i][:300] for role in replies},
+            }
+            for i in range(min(SAMPLES, len(rows)))
+        ],
+    }
+    report(Metrics(step=0, values=_flat(summary)))
+    (workdir / "report.json").parent.mkdir(parents=True, exist_ok=True)
+    (workdir / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    report(Log(format_report(summary)))
+    return StepResult(
+        artifacts=[("report", "report.json", {"name": f"{task.name} report", **summary["ratios"]})],
+        summary=summary,
+    )
+
+
+def _held_out(folder: Path, config: EvaluateConfig) -> tuple[list[dict[str, Any]], str]:
+    for split in dict.fromkeys((config.split, "validation", "test")):
+        path = folder / f"{split}.jsonl"
+        if path.exists() and path.stat().st_size:
+            with path.open(encoding="utf-8") as f:
+                rows = [
+                    json.loads(line) for _, line in zip(range(config.max_rows), f, strict=False)
+                ]
+            return rows, split
+    raise StepError(
+        f"{folder} has no test or validation rows to score: import the dataset with a test "
+        "or validation share."
+    )
+
+
+def _original_reference(task: Task, row: dict[str, Any]) -> str | None:
+    """The dataset's own answer (a teacher-answered row keeps it under 'reference')."""
+    return row.get("reference") or task.reference(row)
+
+
+def _measure(
+    role: str,
+    spec: str,
+    config: EvaluateConfig,
+    task: Task,
+    prompts: list[list[dict[str, str]]],
+    references: list[str | None],
+    report: Reporter,
+    index: int,
+    count: int,
+) -> tuple[dict[str, Any], list[str]]:
+    """One model answers every prompt alone (batch 1: latency as a user sees it)."""
+    total = len(prompts)
+    report(Progress(index * total, count * total, f"loading the {role.replace('_', ' ')}"))
+    endpoint = role == "teacher" and bool(config.endpoint)
+    model = config.open_teacher() if role == "teacher" else LocalModel(spec)
+    stop_memory = None if endpoint else memory_sampler()
+    sampling = config.sampling(greedy=True)
+    replies: list[Reply] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            if endpoint:
+                replies.append(model.ask(prompt, sampling, config.max_retries))
+            else:
+                replies.append(model.generate([prompt], sampling)[0])
+            report(
+                Progress(
+                    index * total + i + 1,
+                    count * total,
+                    f"{role.replace('_', ' ')}: {i + 1}/{total} answered",
+                )
+            )
+        conversations = [
+            [*p, {"role": "assistant", "content": r}]
+            for p, r in zip(prompts, references, strict=True)
+            if r
+        ]
+        perplexity = None if endpoint else model.perplexity(conversations)
+        memory = None if stop_memory is None else model.memory_bytes() + stop_memory()
+        size = None if endpoint else model.size_bytes()
+        parameters = model.parameters
+    finally:
+        model.close()
+    failed = [r.error for r in replies if r.text is None]
+    if len(failed) == len(replies):
+        raise StepError(f"the {role} answered none of the prompts: {failed[0]}")
+    texts = [r.text or "" for r in replies]
+    latencies = sorted(r.seconds for r in replies if r.text is not None)
+    scored = [task.score(t, ref) for t, ref in zip(texts, references, strict=True) if ref]
+    tokens = sum(r.completion_tokens for r in replies)
+    seconds = sum(latencies)
+    result = {
+        "model": spec,
+        "metric": _mean(scored) if scored else None,
+        "valid_answers": _mean(float(task.check(t)[0] is not None) for t in texts),
+        "perplexity": perplexity,
+        "latency_p50_s": round(statistics.median(latencies), 4),
+        "latency_p95_s": round(_percentile(latencies, 0.95), 4),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+        "peak_memory_mb": None if memory is None else round(memory / 2**20, 2),
+        "parameters": parameters,
+        "size_mb": None if size is None else round(size / 2**20, 1),
+        "failed_requests": len(failed),
+    }
+    report(Log(f"{role}: {_describe(result, task)}"))
+    return result, texts
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """The case study's three ratios (student against teacher), and the gain over the base."""
+    teacher, student = results["teacher"], results["student"]
+
+    def ratio(key: str) -> float | None:
+        if teacher.get(key) in (None, 0) or student.get(key) is None:
+            return None
+        return student[key] / teacher[key]
+
+    quality = ratio("metric")
+    latency = ratio("latency_p50_s")
+    memory = ratio("peak_memory_mb")
+    size = ratio("size_mb")
+    base = results.get("student_base", {}).get("metric")
+    return {
+        "quality_kept_pct": None if quality is None else round(100 * quality, 1),
+        "time_saved_pct": None if latency is None else round(100 * (1 - latency), 1),
+        "memory_saved_pct": None if memory is None else round(100 * (1 - memory), 1),
+        "size_saved_pct": None if size is None else round(100 * (1 - size), 1),
+        "gain_over_base": None
+        if base is None or student.get("metric") is None
+        else round(student["metric"] - base, 4),
+    }
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    r = summary["ratios"]
+
+    def pct(key: str) -> str:
+        return "n/a" if r[key] is None else f"{r[key]:.0f}%"
+
+    lines = [
+        f"{summary['task']} on {summary['rows']} {summary['split']} rows ({summary['metric']}): "
+        f"the student keeps {pct('quality_kept_pct')} of the teacher's quality, takes "
+        f"{pct('time_saved_pct')} less time per answer and {pct('memory_saved_pct')} less memory."
+    ]
+    task_metric = summary["metric"]
+    for role, result in summary["models"].items():
+        lines.append(f"  {role}: {_describe(result, None, task_metric)}")
+    return "\n".join(lines)
+
+
+def _describe(result: dict[str, Any], task: Task | None, metric: str | None = None) -> str:
+    metric = metric or (task.metric if task else "metric")
+
+    def fmt(key: str, spec: str = "{:.3g}", unit: str = "") -> str:
+        value = result.get(key)
+        return "n/a" if value is None else spec.format(value) + unit
+
+    return (
+        f"{metric} {fmt('metric')}, agreement {fmt('agreement')}, perplexity "
+        f"{fmt('perplexity')}, latency p50 {fmt('latency_p50_s', unit=' s')} / p95 "
+        f"{fmt('latency_p95_s', unit=' s')}, {fmt('tokens_per_s')} tokens/s, peak memory "
+        f"{fmt('peak_memory_mb', '{:.0f}', ' MB')}, {fmt('size_mb', '{:.0f}', ' MB')} on disk"
+    )
+
+
+def _flat(summary: dict[str, Any]) -> dict[str, float]:
+    values = {}
+    for role, result in summary["models"].items():
+        for key, value in result.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                values[f"{role}_{key}"] = float(value)
+    values.update({k: float(v) for k, v in summary["ratios"].items() if v is not None})
+    return values
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+if __name__ == "__main__":
+    main(EvaluateConfig, run)

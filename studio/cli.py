@@ -104,6 +104,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="")
     p.add_argument("--detach", action="store_true", help="queue and return at once")
     p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser(
+        "distill", help="teacher answers -> student training -> student-vs-teacher report"
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        help='JSON: {"dataset_dir", "synthesize": {...}, "finetune": {...}, "evaluate": {...}, '
+        '"logits": true}',
+    )
+    p.add_argument("--name", default="")
+    p.add_argument("--detach", action="store_true", help="queue and return at once")
+    p.set_defaults(func=cmd_distill)
     return parser
 
 
@@ -308,6 +320,43 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
     if code == 0 and args.output_path and not args.detach:
         _copy_outputs(settings, run_id, Path(args.output_path))
     return code
+
+
+def cmd_distill(settings: Settings, args: argparse.Namespace) -> int:
+    """Queue the distill chain; follow it to the report unless --detach."""
+    from pipelines.evaluate import format_report as evaluation_report
+    from studio import distill
+
+    try:
+        spec = json.loads(Path(args.config).read_text())
+        spec = {
+            key: _absolute_paths(value) if isinstance(value, dict) else value
+            for key, value in _absolute_paths(spec).items()
+        }
+        distill.plan(spec)  # every mistake shows before anything is queued
+    except (OSError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    runner = JobRunner(settings.home, queues=settings.queues, grace_s=settings.cancel_grace_s)
+    runs = distill.submit(runner, spec, name=args.name)
+    for step, run_id in runs.items():
+        print(f"queued {run_id} ({step})", flush=True)
+    if args.detach:
+        return 0
+    owns = runner.start()
+    try:
+        for step, run_id in runs.items():
+            print(f"--- {step} ({run_id})", flush=True)
+            code = _follow(settings, run_id)
+            if code:
+                return code
+    finally:
+        if owns:
+            runner.stop()
+    with store.connect(settings.home) as db:
+        summary = json.loads(store.get_run(db, runs["evaluate"])["summary_json"])
+    print(evaluation_report(summary))
+    return 0
 
 
 def _copy_outputs(settings: Settings, run_id: str, target: Path) -> None:

@@ -48,6 +48,7 @@ class JobRunner:
         self.inline, self.grace_s, self.poll_s = inline, grace_s, poll_s
         self._procs: dict[str, subprocess.Popen | int] = {}  # run id -> child, or adopted pid
         self._terminated: dict[str, float] = {}  # run id -> when SIGTERM was sent
+        self._secrets: dict[str, dict[str, str]] = {}  # run id -> env vars, memory only
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self._lock_file = None
@@ -63,8 +64,12 @@ class JobRunner:
         name: str = "",
         depends_on: str | None = None,
         resumed_from: str | None = None,
+        secrets: dict[str, str] | None = None,
     ) -> str:
-        """Record a queued run and wake the runner; returns the run id at once."""
+        """Record a queued run and wake the runner; returns the run id at once.
+
+        `secrets` (API keys) reach the run's process as environment variables; they are held
+        in this runner's memory only, never written to the database or the run folder."""
         if step not in STEPS:
             raise ValueError(f"unknown step {step!r}; steps are {', '.join(STEPS)}")
         with store.connect(self.home) as db:
@@ -82,6 +87,8 @@ class JobRunner:
             run_dir = self.home / "runs" / run_id
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+            if secrets:
+                self._secrets[run_id] = dict(secrets)
             if self.inline:
                 self._run_inline(db, run_id)
         self._wake.set()
@@ -232,6 +239,7 @@ class JobRunner:
             "PYTHONPATH": os.pathsep.join(
                 filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
             ),
+            **self._secrets.pop(run_id, {}),
         }
         try:
             with open(run_dir / "log.txt", "ab") as log_file:
@@ -309,7 +317,17 @@ class JobRunner:
         if row["depends_on"] and not self._dependency_ready(db, row):
             return
         if store.set_status(db, run_id, "running", message="starting"):
-            worker.execute(self.home, run_id)
+            secrets = self._secrets.pop(run_id, {})
+            saved = {k: os.environ.get(k) for k in secrets}
+            os.environ.update(secrets)
+            try:
+                worker.execute(self.home, run_id)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
 
 
 def config_of(row: dict[str, Any]) -> Any:

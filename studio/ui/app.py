@@ -8,7 +8,7 @@ from pipelines.dataset import SAMPLE_DATASET
 from studio.chat import ChatClient
 from studio.jobs import JobRunner
 from studio.settings import Settings
-from studio.ui import data_tab, finetune_tab, runs_tab
+from studio.ui import data_tab, distill_tab, finetune_tab, runs_tab
 
 INTRO = (
     "# SLMOps Studio\nA small language model's whole life in your browser. Every step runs in "
@@ -24,6 +24,8 @@ def build_app(settings: Settings, runner: JobRunner) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Data", id="data"):
                 data_tab.build_tab(settings.home, runner, settings)
+            with gr.Tab("Distill", id="distill"):
+                distill_tab.build_tab(settings.home, runner)
             with gr.Tab("Finetune", id="finetune"):
                 finetune_tab.build_tab(settings.home, runner, ChatClient(settings.home))
             with gr.Tab("Runs", id="runs"):

@@ -16,7 +16,7 @@ from studio.jobs import JobRunner, resumable
 from studio.ui import views
 
 CURVES = {
-    "loss": ("loss", "eval_loss"),
+    "loss": ("loss", "eval_loss", "distill_loss"),
     "learning rate": ("learning_rate",),
     "tokens/s": ("tokens_per_s",),
     "memory (MB)": ("memory_mb",),

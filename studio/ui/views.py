@@ -128,7 +128,113 @@ def summary_md(row: dict[str, Any]) -> str:
             + json.dumps(summary, indent=2, ensure_ascii=False)
             + "\n```"
         )
+    if row["step"] == "synthesize" and "valid" in summary:
+        return synthesis_md(summary)
+    if row["step"] == "evaluate" and "models" in summary:
+        return evaluation_md(summary)
     return "```json\n" + json.dumps(summary, indent=2, ensure_ascii=False) + "\n```"
+
+
+def synthesis_md(stats: dict[str, Any]) -> str:
+    """The teacher-answer report: valid rate, rejections with examples, labels, usage."""
+    lines = [
+        f"Teacher **{_cell(stats['teacher'])}** · task **{stats['task']}** · "
+        f"**{stats['valid']}** of **{stats['rows']}** rows valid "
+        f"(**{stats['success_ratio']:.0%}**)"
+    ]
+    problems = {**{f"request failed: {k}": v for k, v in stats["failed"].items()}}
+    problems.update(stats["rejected"])
+    if problems:
+        lines.append("\n| not kept | rows | examples |\n|---|---|---|")
+        for why, n in problems.items():
+            key = "request failed" if why.startswith("request failed") else why
+            examples = "; ".join(
+                f"{e['prompt'][:60]} → {e['reply'][:80]!r}" for e in stats["examples"].get(key, [])
+            )
+            lines.append(f"| {_cell(why)} | {n} | {_cell(examples)} |")
+    if stats.get("answer_labels"):
+        total = sum(stats["answer_labels"].values()) or 1
+        reference = stats.get("reference_labels") or {}
+        lines.append("\n| label | teacher | share | dataset |\n|---|---|---|---|")
+        lines += [
+            f"| {_cell(k)} | {v} | {100 * v / total:.1f}% | {reference.get(k, '')} |"
+            for k, v in stats["answer_labels"].items()
+        ]
+        lines.append(
+            f"\nBias against uniform (0 = balanced): teacher **{stats['answer_bias']}**, "
+            f"dataset {stats.get('reference_bias')}"
+        )
+    if stats.get("teacher_accuracy_on_references") is not None:
+        lines.append(
+            f"\nThe teacher agrees with the dataset's own answers on "
+            f"**{stats['teacher_accuracy_on_references']:.0%}** of the kept rows."
+        )
+    cost = f" · cost {stats['cost']}" if stats.get("cost") else ""
+    lines.append(
+        f"\nTokens: {stats['prompt_tokens']} in · {stats['completion_tokens']} out{cost} · "
+        f"{stats['teacher_seconds']} s · splits "
+        + ", ".join(f"{k} **{v}**" for k, v in stats.get("splits", {}).items())
+    )
+    return "\n".join(lines)
+
+
+EVALUATION_COLUMNS = [
+    ("metric", "quality"),
+    ("agreement", "agrees with teacher"),
+    ("perplexity", "perplexity"),
+    ("latency_p50_s", "latency p50 (s)"),
+    ("latency_p95_s", "latency p95 (s)"),
+    ("tokens_per_s", "tokens/s"),
+    ("peak_memory_mb", "memory (MB)"),
+    ("parameters", "parameters"),
+    ("size_mb", "size (MB)"),
+]
+
+
+def evaluation_rows(summary: dict[str, Any]) -> list[list[Any]]:
+    """One row per model (teacher, student, untrained student) for a table."""
+    rows = []
+    for role, result in summary["models"].items():
+        cells = [role.replace("_", " ")]
+        for key, _ in EVALUATION_COLUMNS:
+            value = result.get(key)
+            cells.append(
+                "n/a"
+                if value is None
+                else f"{value:,}"
+                if key == "parameters"
+                else f"{value:.4g}"
+                if isinstance(value, float)
+                else value
+            )
+        rows.append(cells)
+    return rows
+
+
+def evaluation_md(summary: dict[str, Any]) -> str:
+    """The student-vs-teacher report: the three ratios, then a row per model."""
+    r = summary["ratios"]
+
+    def pct(key: str) -> str:
+        return "n/a" if r.get(key) is None else f"{r[key]:.0f}%"
+
+    header = "| model | " + " | ".join(label for _, label in EVALUATION_COLUMNS) + " |"
+    lines = [
+        f"The student keeps **{pct('quality_kept_pct')}** of the teacher's quality, takes "
+        f"**{pct('time_saved_pct')}** less time per answer and **{pct('memory_saved_pct')}** "
+        f"less memory ({summary['task']}, {summary['metric']} on {summary['rows']} "
+        f"{summary['split']} rows; teacher {_cell(summary['teacher'])}).",
+        "",
+        header,
+        "|" + "---|" * (len(EVALUATION_COLUMNS) + 1),
+    ]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in evaluation_rows(summary)]
+    if r.get("gain_over_base") is not None:
+        lines.append(
+            f"\nTraining changed the student's {summary['metric']} by "
+            f"**{r['gain_over_base']:+.3f}** over its untrained base."
+        )
+    return "\n".join(lines)
 
 
 def _cell(text: str) -> str:

@@ -1,0 +1,430 @@
+"""Distill tab: a dataset, a task preset and a teacher (tested with one click), a student, one
+button for the synthesize -> finetune -> evaluate chain, and the student-vs-teacher report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from pipelines import finetune
+from pipelines.base import StepError
+from pipelines.evaluate import EvaluateConfig
+from pipelines.finetune import FinetuneConfig
+from pipelines.generation import API_KEY_ENV, check_connection
+from pipelines.synthesize import SynthesizeConfig
+from pipelines.tasks import PRESETS
+from studio import distill, store
+from studio.jobs import JobRunner
+from studio.ui import forms, views
+from studio.ui.finetune_tab import dataset_choices, model_choices
+
+PRUNED = "pruned"
+TEACHER_ADVANCED = (
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "stop",
+    "seed",
+    "batch_size",
+    "concurrency",
+    "max_retries",
+    "timeout_s",
+    "min_success_ratio",
+    "max_rows",
+    "price_input_per_m",
+    "price_output_per_m",
+)
+STUDENT_ADVANCED = ("lora_r", "lora_alpha", "max_seq_len", "distill_temperature", "distill_weight")
+
+
+def build_tab(home: Path, runner: JobRunner) -> None:
+    gr.Markdown(
+        "A big **teacher** answers your dataset's prompts; a small **student** learns from "
+        "those answers (and, with a local teacher, from its token probabilities); the report "
+        "says how much of the teacher's quality the student keeps, and how much faster and "
+        "smaller it is."
+    )
+    gr.Markdown("### 1. Data and task")
+    with gr.Row():
+        dataset_dir = gr.Dropdown(
+            label="Dataset", choices=dataset_choices(home), info="Imported in the Data tab."
+        )
+        task = gr.Dropdown(
+            label="Task",
+            choices=[(p["label"], name) for name, p in PRESETS.items()],
+            value="classification",
+            info="Sets the teacher's prompts, the check a valid answer passes, and the metric.",
+        )
+    with gr.Accordion("Prompts (custom task, or override a preset)", open=False):
+        system_prompt = gr.Textbox(lines=2, **_kwargs(SynthesizeConfig, "system_prompt"))
+        user_template = gr.Textbox(**_kwargs(SynthesizeConfig, "user_template"))
+        with gr.Row():
+            answer_pattern = gr.Textbox(**_kwargs(SynthesizeConfig, "answer_pattern"))
+            chain_of_thought = gr.Checkbox(**_kwargs(SynthesizeConfig, "chain_of_thought"))
+
+    gr.Markdown("### 2. Teacher")
+    with gr.Row():
+        teacher_kind = gr.Radio(
+            choices=["Local model", "Endpoint"],
+            value="Local model",
+            label="Teacher runs",
+            info="Here (a model on this machine), or behind an OpenAI-compatible API.",
+        )
+        teacher = gr.Dropdown(
+            label="Teacher model",
+            choices=model_choices(home),
+            value="bundled",
+            allow_custom_value=True,
+            info="Local: a model made here, a folder or a Hub id. Endpoint: the model name.",
+            elem_id="distill-teacher",
+        )
+    with gr.Row(visible=False) as endpoint_row:
+        endpoint = gr.Textbox(
+            **_kwargs(SynthesizeConfig, "endpoint"), placeholder="https://api.openai.com/v1"
+        )
+        api_key = gr.Textbox(
+            label="API key",
+            type="password",
+            info="Used for these runs only: never stored, logged or shown again.",
+        )
+        api_key_env = gr.Textbox(**_kwargs(SynthesizeConfig, "api_key_env"))
+    with gr.Row():
+        test = gr.Button("Test connection", size="sm", elem_id="distill-test")
+        connection = gr.Markdown(elem_id="distill-connection")
+    with gr.Accordion("Teacher settings", open=False):
+        teacher_form = forms.build_form(
+            SynthesizeConfig,
+            exclude=[f for f in forms.form_fields(SynthesizeConfig) if f not in TEACHER_ADVANCED],
+        )
+
+    gr.Markdown("### 3. Student")
+    with gr.Row():
+        student = gr.Dropdown(
+            label="Student",
+            choices=[("Pruned copy of the teacher", PRUNED), *model_choices(home)],
+            value=PRUNED,
+            allow_custom_value=True,
+            info="A pruned copy shares the teacher's tokenizer (so it can learn its logits).",
+        )
+        keep_layers = gr.Number(
+            value=10,
+            precision=0,
+            label="Keep layers",
+            info="Pruned copy: how many of the teacher's layers the student keeps.",
+        )
+        method = gr.Radio(
+            choices=["lora", "full"],
+            value="full",
+            label="Training",
+            info="full suits a pruned student (its layers must relearn to work together).",
+        )
+    with gr.Row():
+        epochs = gr.Number(**_kwargs(FinetuneConfig, "epochs"))
+        max_steps = gr.Number(precision=0, **_kwargs(FinetuneConfig, "max_steps"))
+        learning_rate = gr.Number(**{**_kwargs(FinetuneConfig, "learning_rate"), "value": 1e-4})
+        batch_size = gr.Number(precision=0, **_kwargs(FinetuneConfig, "batch_size"))
+    with gr.Row():
+        logits = gr.Checkbox(
+            value=True,
+            label="Learn the teacher's logits too",
+            info="Token-level distillation; needs a local teacher with the student's vocabulary.",
+        )
+        distill_loss = gr.Radio(choices=["kl", "jsd"], **_kwargs(FinetuneConfig, "distill_loss"))
+        eval_rows = gr.Number(
+            precision=0, **{**_kwargs(EvaluateConfig, "max_rows"), "label": "Report rows"}
+        )
+    with gr.Accordion("Student settings", open=False):
+        student_form = forms.build_form(
+            FinetuneConfig,
+            exclude=[f for f in forms.form_fields(FinetuneConfig) if f not in STUDENT_ADVANCED],
+        )
+    student_info = gr.Markdown(elem_id="distill-student")
+    start = gr.Button("Start distillation", variant="primary", elem_id="distill-start")
+    chain = gr.State({})
+    status = gr.Markdown(elem_id="distill-status")
+
+    gr.Markdown("### Reports")
+    with gr.Row():
+        report_run = gr.Dropdown(
+            label="Distillation report", choices=report_choices(home), elem_id="distill-report"
+        )
+    report_md = gr.Markdown()
+    ratios_plot = gr.BarPlot(
+        x="ratio", y="percent", title="Student against teacher (%)", height=260
+    )
+    samples = gr.Dataframe(label="Answers side by side", wrap=True, interactive=False)
+
+    teacher_kind.change(
+        on_teacher_kind, inputs=[teacher_kind], outputs=[endpoint_row, teacher, logits]
+    )
+    test.click(
+        lambda *v: check_teacher(*v),
+        inputs=[teacher_kind, teacher, endpoint, api_key, api_key_env],
+        outputs=[connection],
+    )
+    info_inputs = [teacher_kind, teacher, student, keep_layers, method, batch_size, logits]
+    for control in info_inputs:
+        control.change(lambda *v: student_md(*v), inputs=info_inputs, outputs=[student_info])
+    dataset_dir.focus(lambda: gr.update(choices=dataset_choices(home)), outputs=[dataset_dir])
+    teacher.focus(lambda: gr.update(choices=model_choices(home)), outputs=[teacher])
+    report_run.focus(lambda: gr.update(choices=report_choices(home)), outputs=[report_run])
+    report_run.change(
+        lambda r: report_view(home, r),
+        inputs=[report_run],
+        outputs=[report_md, ratios_plot, samples],
+    )
+
+    def on_start(*values):
+        return submit_distill(runner, *values)
+
+    start.click(
+        on_start,
+        inputs=[
+            dataset_dir,
+            task,
+            system_prompt,
+            user_template,
+            answer_pattern,
+            chain_of_thought,
+            teacher_kind,
+            teacher,
+            endpoint,
+            api_key,
+            api_key_env,
+            student,
+            keep_layers,
+            method,
+            epochs,
+            max_steps,
+            learning_rate,
+            batch_size,
+            logits,
+            distill_loss,
+            eval_rows,
+            *teacher_form.values(),
+            *student_form.values(),
+        ],
+        outputs=[chain, status, api_key],
+    )
+    timer = gr.Timer(2.0)
+    timer.tick(lambda c: chain_md(home, c), inputs=[chain], outputs=[status])
+
+
+def _kwargs(config_cls: type, name: str) -> dict[str, Any]:
+    return forms.field_kwargs(config_cls, name)
+
+
+def on_teacher_kind(kind: str):
+    """Endpoint fields only for an endpoint; logits only from a local teacher."""
+    local = kind != "Endpoint"
+    return (
+        gr.update(visible=not local),
+        gr.update(value="bundled" if local else "", allow_custom_value=True),
+        gr.update(value=local, interactive=local),
+    )
+
+
+def check_teacher(kind: str, teacher: str, endpoint: str, key: str, key_env: str) -> str:
+    """Answer within a few seconds whether the teacher can be used."""
+    try:
+        fields = SynthesizeConfig(
+            dataset_dir="-",
+            teacher=(teacher or "").strip(),
+            endpoint=(endpoint or "").strip() if kind == "Endpoint" else "",
+            api_key_env=(key_env or "").strip(),
+        )
+        if kind == "Endpoint" and not fields.endpoint:
+            raise ValueError("give the endpoint URL")
+        return "✅ " + check_connection(fields, key=(key or None))
+    except (StepError, ValueError) as e:
+        return f"❌ {e}"
+
+
+def student_md(
+    kind: str,
+    teacher: str,
+    student: str,
+    keep_layers: float,
+    method: str,
+    batch_size: float,
+    logits: bool,
+) -> str:
+    """The student's size before training, against the teacher's, and a memory estimate."""
+    pruned = student == PRUNED
+    if pruned and kind == "Endpoint":
+        return "⚠️ A pruned copy needs a local teacher: pick a student model instead."
+    base = teacher if pruned else student
+    arch = finetune.model_arch(base or "bundled")
+    if arch is None:
+        return "Student size: unknown until the model is downloaded."
+    keep = int(keep_layers or 0) if pruned else 0
+    layers = arch["num_hidden_layers"]
+    if pruned and not 1 <= keep <= layers:
+        return f"⚠️ Keep layers must be between 1 and {layers} (the teacher's layers)."
+    params = finetune.count_parameters({**arch, "num_hidden_layers": keep or layers})
+    text = f"Student: **{params / 1e6:.0f}M** parameters, about **{params * 4 / 2**20:.0f} MB** "
+    text += "in fp32"
+    teacher_arch = finetune.model_arch(teacher or "bundled") if kind != "Endpoint" else None
+    if teacher_arch:
+        full = finetune.count_parameters(teacher_arch)
+        text += f" ({100 * params / full:.0f}% of the teacher's {full / 1e6:.0f}M)"
+    if pruned:
+        text += f"; {keep} of {layers} layers, chosen evenly"
+    try:
+        config = FinetuneConfig(
+            dataset_dir="-",
+            base_model=base or "bundled",
+            method=method or "full",
+            keep_layers=keep,
+            batch_size=int(batch_size or 1),
+        )
+    except ValueError as e:
+        return text + f". ⚠️ {e}"
+    import psutil
+
+    estimate = finetune.estimate_memory(
+        arch,
+        config,
+        False,
+        psutil.virtual_memory().available,
+        teacher_arch=teacher_arch if logits else None,
+    )
+    icon = "⚠️ " if estimate["fits"] is False else ""
+    return text + f".\n\n{icon}Training memory: {finetune.format_estimate(estimate)}."
+
+
+def submit_distill(
+    runner: JobRunner,
+    dataset_dir: str,
+    task: str,
+    system_prompt: str,
+    user_template: str,
+    answer_pattern: str,
+    chain_of_thought: bool,
+    kind: str,
+    teacher: str,
+    endpoint: str,
+    key: str,
+    key_env: str,
+    student: str,
+    keep_layers: float,
+    method: str,
+    epochs: float,
+    max_steps: float,
+    learning_rate: float,
+    batch_size: float,
+    logits: bool,
+    distill_loss: str,
+    eval_rows: float,
+    *advanced: Any,
+) -> tuple[dict[str, str], str, str]:
+    """Validate the whole chain, then queue it; the key goes to the runs' environment only."""
+    if not dataset_dir:
+        raise gr.Error("Pick a dataset (import one in the Data tab first).")
+    teacher_names = forms.form_fields(
+        SynthesizeConfig,
+        exclude=[f for f in forms.form_fields(SynthesizeConfig) if f not in TEACHER_ADVANCED],
+    )
+    student_names = forms.form_fields(
+        FinetuneConfig,
+        exclude=[f for f in forms.form_fields(FinetuneConfig) if f not in STUDENT_ADVANCED],
+    )
+    teacher_values = forms.values_to_kwargs(
+        SynthesizeConfig, teacher_names, advanced[: len(teacher_names)]
+    )
+    student_values = forms.values_to_kwargs(
+        FinetuneConfig, student_names, advanced[len(teacher_names) :]
+    )
+    on_endpoint = kind == "Endpoint"
+    pruned = student == PRUNED
+    if pruned and on_endpoint:
+        raise gr.Error("A pruned copy needs a local teacher: pick a student model instead.")
+    spec = {
+        "dataset_dir": dataset_dir,
+        "logits": bool(logits) and not on_endpoint,
+        "synthesize": {
+            "task": task or "classification",
+            "system_prompt": system_prompt or "",
+            "user_template": user_template or "",
+            "answer_pattern": answer_pattern or "",
+            "chain_of_thought": bool(chain_of_thought),
+            "teacher": (teacher or "").strip() or ("" if on_endpoint else "bundled"),
+            "endpoint": (endpoint or "").strip() if on_endpoint else "",
+            "api_key_env": (key_env or "").strip(),
+            **teacher_values,
+        },
+        "finetune": {
+            "base_model": (teacher or "bundled").strip() if pruned else (student or "bundled"),
+            "keep_layers": int(keep_layers or 0) if pruned else 0,
+            "method": method or "full",
+            "epochs": float(epochs or 1),
+            "max_steps": int(max_steps or 0),
+            "learning_rate": float(learning_rate or 1e-4),
+            "batch_size": int(batch_size or 4),
+            "distill_loss": distill_loss or "kl",
+            **student_values,
+        },
+        "evaluate": {"max_rows": int(eval_rows or 40)},
+    }
+    secrets = {API_KEY_ENV: key} if key and not key_env else {}
+    try:
+        runs = distill.submit(runner, spec, secrets=secrets)
+    except (ValueError, TypeError) as e:
+        raise gr.Error(f"Can't start: {e}") from e
+    return runs, chain_md(runner.home, runs), ""  # the key field is cleared
+
+
+def chain_md(home: Path, runs: dict[str, str]) -> str:
+    """One line per run of the chain: status, progress and message."""
+    if not runs:
+        return ""
+    lines = []
+    with store.connect(home) as db:
+        for step, run_id in runs.items():
+            row = store.get_run(db, run_id)
+            if row is None:
+                continue
+            progress = f"{100 * (row['progress'] or 0):.0f}%"
+            lines.append(
+                f"- **{step}** `{run_id}`: {row['status']} · {progress} · "
+                f"{row['error'] or row['message'] or ''}"
+            )
+    return "\n".join(lines) + "\n\nThe Runs tab has each run's curves and log."
+
+
+def report_choices(home: Path) -> list[tuple[str, str]]:
+    """Finished evaluations, newest first."""
+    with store.connect(home) as db:
+        rows = store.list_runs(db, step="evaluate", status="succeeded")
+    return [(f"{r['name'] or r['id']} · {r['id']}", r["id"]) for r in rows]
+
+
+def report_view(home: Path, run_id: str) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+    """The report's text and table, the three ratios as bars, and answers side by side."""
+    if not run_id:
+        return "", pd.DataFrame({"ratio": [], "percent": []}), pd.DataFrame()
+    with store.connect(home) as db:
+        row = store.get_run(db, run_id)
+    summary = json.loads(row["summary_json"] or "{}") if row else {}
+    if "models" not in summary:
+        return "This run has no report.", pd.DataFrame({"ratio": [], "percent": []}), pd.DataFrame()
+    ratios = summary["ratios"]
+    bars = pd.DataFrame(
+        {
+            "ratio": ["quality kept", "time saved", "memory saved", "size saved"],
+            "percent": [
+                ratios.get(k) or 0.0
+                for k in (
+                    "quality_kept_pct",
+                    "time_saved_pct",
+                    "memory_saved_pct",
+                    "size_saved_pct",
+                )
+            ],
+        }
+    )
+    return views.evaluation_md(summary), bars, pd.DataFrame(summary.get("samples", []))

@@ -356,8 +356,9 @@ def estimate_memory(
     """Rough bytes for weights, adapter, gradients + optimizer states, activations, and the
     teacher's weights and logits when distilling on logits.
 
-    Activations assume a decoder layer keeps ~34 * hidden + 5 * heads * length values per token
-    (Korthikanti et al., 2022) in 32-bit on CPU, 16-bit on GPU; the logits are counted apart.
+    Activations assume a decoder layer keeps ~34 * hidden values per token (Korthikanti et al.,
+    2022; the 5 * heads * length attention scores are not kept by SDPA, transformers' default)
+    in 32-bit on CPU, 16-bit on GPU, at the full max length; the logits are counted apart.
     """
     h, inter, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
     if config.keep_layers:
@@ -382,7 +383,7 @@ def estimate_memory(
         ]
         trainable = layers * sum(config.lora_r * (a + b) for a, b in linear_dims)
     tokens = config.batch_size * config.max_seq_len
-    per_token_layer = 34 * h + 5 * heads * config.max_seq_len
+    per_token_layer = 34 * h
     kept_layers = 1 if config.gradient_checkpointing else layers
     activations = (
         tokens

@@ -1,0 +1,82 @@
+"""Teacher throughput, side by side in one run: batched local generation against one prompt at a
+time (the bundled SmolLM2-135M, same prompts, greedy), and concurrent endpoint requests against
+sequential ones (a local OpenAI-compatible server that answers after a fixed delay).
+
+Run as: python bench/synthesize.py [--prompts 16] [--tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pipelines import dataset  # noqa: E402
+from pipelines.generation import Endpoint, LocalModel, Sampling, TeacherFields  # noqa: E402
+from tests.openai_server import FakeOpenAI  # noqa: E402
+
+
+def prompts(n: int) -> list[list[dict[str, str]]]:
+    with dataset.SAMPLE_DATASET.open() as f:
+        lines = [line.rsplit(",", 1)[0].strip('"') for line in list(f)[1 : n + 1]]
+    return [
+        [
+            {"role": "system", "content": dataset.SAMPLE_SYSTEM_PROMPT},
+            {"role": "user", "content": text},
+        ]
+        for text in lines
+    ]
+
+
+def tokens_per_s(model: LocalModel, chats, batch: int, sampling: Sampling) -> float:
+    started, tokens = time.perf_counter(), 0
+    for i in range(0, len(chats), batch):
+        tokens += sum(r.completion_tokens for r in model.generate(chats[i : i + batch], sampling))
+    return tokens / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=32)
+    args = parser.parse_args()
+    os.environ.setdefault("STUDIO_HOME", tempfile.mkdtemp())
+    chats = prompts(args.prompts)
+    sampling = Sampling(max_new_tokens=args.tokens)
+    model = LocalModel("bundled")
+    model.generate(chats[:2], sampling)  # warm-up
+    one = tokens_per_s(model, chats, 1, sampling)
+    eight = tokens_per_s(model, chats, 8, sampling)
+    print(f"local bundled model: batch 1 {one:.1f} tokens/s, batch 8 {eight:.1f} tokens/s")
+
+    delay, requests = 0.2, 32
+    with FakeOpenAI(answer=lambda messages: "billing", delay_s=delay) as server:
+        fields = TeacherFields(teacher="m", endpoint=server.url, concurrency=8)
+        times = {}
+        for concurrency in (1, 8):
+            endpoint = Endpoint(
+                server.url, "m", "", dataclasses.replace(fields, concurrency=concurrency)
+            )
+            started = time.perf_counter()
+            replies = endpoint.generate(chats[:1] * requests, sampling)
+            times[concurrency] = time.perf_counter() - started
+            endpoint.close()
+            assert all(r.text == "billing" for r in replies)
+            print(
+                f"endpoint ({delay:g} s per answer), {concurrency} at once: {requests} answers "
+                f"in {times[concurrency]:.2f} s"
+            )
+    print(f"BENCH synthesize_local_batch8_over_batch1_tokens_per_s {eight / one:.2f} >= 3")
+    print(f"BENCH synthesize_endpoint_8_concurrent_over_sequential {times[1] / times[8]:.2f} >= 6")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections import Counter
@@ -112,7 +113,13 @@ def run(config: SynthesizeConfig, workdir: Path, report: Reporter) -> StepResult
     seconds = time.monotonic() - started
 
     report(Progress(len(unique), len(unique), "checking answers"))
-    out_rows, stats = _check(task, rows, prompts, keys, cache.answers, errors)
+    out_rows, stats, failures = _check(task, rows, prompts, keys, cache.answers, errors)
+    if failures:  # every failed row with its error, next to the run's log
+        with (workdir / "failed.jsonl").open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in failures)
+        report(
+            Log(f"{len(failures)} rows got no answer; each error is in {workdir / 'failed.jsonl'}")
+        )
     total = stats["rows"]
     ratio = stats["valid"] / total if total else 0.0
     stats.update(_usage(config, cache.answers.values(), unique.keys(), seconds))
@@ -243,21 +250,28 @@ def _check(
     keys: dict[str, list[str]],
     answers: dict[str, dict[str, Any]],
     errors: dict[str, str],
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-    """Valid answers become rows; the rest are counted by reason, with examples."""
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any], list[dict[str, Any]]]:
+    """Valid answers become rows; the rest are counted by reason, with examples; and the
+    rows whose request failed, with their error."""
     out: dict[str, list[dict[str, Any]]] = {}
     rejected, failed = Counter(), Counter()
     examples: dict[str, list[dict[str, str]]] = {}
     answer_counts, reference_counts = Counter(), Counter()
+    failures: list[dict[str, Any]] = []
     total = 0
     for split, split_rows in rows.items():
         out[split] = []
-        for row, prompt, key in zip(split_rows, prompts[split], keys[split], strict=True):
+        for index, (row, prompt, key) in enumerate(
+            zip(split_rows, prompts[split], keys[split], strict=True)
+        ):
             total += 1
             prompt_text = prompt[-1]["content"][:120]
             if key not in answers:
                 error = errors.get(key, "not answered")
-                failed[error.split(":")[0]] += 1
+                failed[re.split(r"[:(]", error)[0].strip()] += 1
+                failures.append(
+                    {"split": split, "row": index, "prompt": prompt_text, "error": error}
+                )
                 _example(examples, "request failed", prompt_text, error)
                 continue
             reply = answers[key]["text"]
@@ -300,7 +314,7 @@ def _check(
         ]
         if agree:
             stats["teacher_accuracy_on_references"] = round(sum(agree) / len(agree), 4)
-    return out, stats
+    return out, stats, failures
 
 
 def _example(examples: dict[str, list], why: str, prompt: str, reply: str) -> None:

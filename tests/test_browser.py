@@ -1,5 +1,5 @@
 """A new user in headless Chromium: upload a file in the Data tab, find the import in the Runs tab,
-restart the studio and find it still there."""
+test the teacher in the Distill tab, restart the studio and find the import still there."""
 
 import os
 import socket
@@ -88,6 +88,9 @@ def test_upload_import_and_find_it_in_the_runs_tab_after_a_restart(tmp_path, bro
         expect(
             page.locator("#runs-table").get_by_text("succeeded").filter(visible=True).first
         ).to_be_visible()
+        page.get_by_role("tab", name="Distill").click()
+        page.locator("#distill-test").click()  # the bundled teacher is ready at once
+        expect(page.locator("#distill-connection")).to_contain_text("ready", timeout=10_000)
         page.close()
     finally:
         app.terminate()

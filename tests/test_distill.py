@@ -141,6 +141,8 @@ def test_success_gate_fails_clearly_and_writes_nothing(tiny_dataset, tmp_path, f
         with pytest.raises(StepError, match=r"only \d+ of 48 rows got a valid teacher answer"):
             synthesize.run(config, tmp_path, lambda event: None)
     assert not (tmp_path / "dataset").exists()
+    failed = [json.loads(x) for x in (tmp_path / "failed.jsonl").read_text().splitlines()]
+    assert len(failed) == 16 and all("HTTP 500" in f["error"] for f in failed)
 
 
 def test_connection_check_answers_quickly_either_way(tmp_path):

@@ -127,8 +127,7 @@ def test_a_child_that_ignores_cancel_is_terminated_after_the_grace_period(
     home, live_runner, fake_steps
 ):
     run_id = live_runner.submit("fake", fake_steps.FakeConfig(silent_sleep_s=60))
-    _wait_for(lambda: _row(home, run_id)["pid"] is not None)
-    time.sleep(0.5)
+    _wait_for(lambda: _started(home, run_id))  # past its last report: it can't see the cancel
     live_runner.cancel(run_id)
     row = live_runner.wait(run_id, 20)  # grace is 1 s in the fixture
     assert row["status"] == "canceled" and row["message"] == "stopped by the user"
@@ -195,3 +194,8 @@ def test_rerun_and_delete(home, runner, fake_steps):
     assert not (home / "runs" / first).exists()
     with pytest.raises(ValueError, match="no checkpoint"):
         runner.resume(second)
+
+
+def _started(home, run_id) -> bool:
+    with store.connect(home) as db:
+        return any("starting at step" in e["message"] for e in store.events(db, run_id, 0))

@@ -139,7 +139,7 @@ def test_build_app_returns_blocks_without_launching(home, runner, settings):
     demo = app.build_app(settings, runner)
     assert isinstance(demo, gr.Blocks)
     labels = [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
-    assert labels == ["Data", "Finetune", "Runs"] + labels[3:]
+    assert labels == ["Data", "Distill", "Finetune", "Runs"] + labels[4:]
 
 
 @pytest.mark.filterwarnings("ignore:Run .* has already finished")
@@ -156,7 +156,9 @@ def test_every_event_returns_what_its_outputs_expect(home, runner, settings, fak
         for component in block_fn.inputs:
             if isinstance(component, gr.File):
                 values.append([str(dataset.SAMPLE_DATASET)])
-            elif isinstance(component, gr.State) or component.elem_id == "runs-selected":
+            elif (
+                isinstance(component, gr.State) and isinstance(component.value, str)
+            ) or component.elem_id == "runs-selected":
                 values.append(run_id)
             else:
                 values.append(component.value)

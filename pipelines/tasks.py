@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import string
+import typing
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Literal
 
 from pipelines.base import option
 
-TASKS = (
+TaskName = Literal[
     "classification",
     "conversation",
     "multiple_choice",
@@ -21,7 +22,8 @@ TASKS = (
     "math",
     "summarization",
     "custom",
-)
+]
+TASKS = typing.get_args(TaskName)
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 LETTERS = ("A", "B", "C", "D", "E")
 MAX_SUMMARY_WORDS = 80
@@ -128,15 +130,7 @@ class Task:
 class TaskFields:
     """The task preset and its overrides (shared by the synthesize and evaluate configs)."""
 
-    task: Literal[
-        "classification",
-        "conversation",
-        "multiple_choice",
-        "nli",
-        "math",
-        "summarization",
-        "custom",
-    ] = option(
+    task: TaskName = option(
         "classification",
         "Task",
         "What the teacher does with each row: sets the prompts, the answer check and the metric.",

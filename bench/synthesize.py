@@ -1,6 +1,7 @@
 """Teacher throughput, side by side in one run: batched local generation against one prompt at a
-time (the bundled SmolLM2-135M, same prompts, greedy), and concurrent endpoint requests against
-sequential ones (a local OpenAI-compatible server that answers after a fixed delay).
+time (the bundled SmolLM2-135M, same prompts, greedy; the BENCH line is the engine's throughput,
+and the answer tokens the step actually gets are printed too), and concurrent endpoint requests
+against sequential ones (a local OpenAI-compatible server that answers after a fixed delay).
 
 Run as: python bench/synthesize.py [--prompts 16] [--tokens 32]
 """
@@ -37,9 +38,37 @@ def prompts(n: int) -> list[list[dict[str, str]]]:
 
 
 def tokens_per_s(model: LocalModel, chats, batch: int, sampling: Sampling) -> float:
+    """Answer tokens per second as the synthesize step gets them (each answer ends at its
+    end-of-sequence; a batch runs until its longest answer is done)."""
     started, tokens = time.perf_counter(), 0
     for i in range(0, len(chats), batch):
         tokens += sum(r.completion_tokens for r in model.generate(chats[i : i + batch], sampling))
+    return tokens / (time.perf_counter() - started)
+
+
+def engine_tokens_per_s(model: LocalModel, chats, batch: int, new_tokens: int) -> float:
+    """Generated positions per second with every answer running to `new_tokens` (the engine's
+    throughput, independent of where answers happen to end)."""
+    import torch
+
+    started, tokens = time.perf_counter(), 0
+    for i in range(0, len(chats), batch):
+        inputs = model.tokenizer.apply_chat_template(
+            chats[i : i + batch],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+            padding=True,
+        )
+        with torch.no_grad():
+            out = model.model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=model.tokenizer.pad_token_id,
+            )
+        tokens += (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
     return tokens / (time.perf_counter() - started)
 
 
@@ -53,10 +82,18 @@ def main() -> None:
     sampling = Sampling(max_new_tokens=args.tokens)
     model = LocalModel("bundled")
     model.generate(chats[:2], sampling)  # warm-up
-    one = tokens_per_s(model, chats, 1, sampling)
-    eight = tokens_per_s(model, chats, 8, sampling)
+    one = engine_tokens_per_s(model, chats, 1, args.tokens)
+    eight = engine_tokens_per_s(model, chats, 8, args.tokens)
     print(
         f"local bundled model: batch 1 {one:.1f} tokens/s, batch 8 {eight:.1f} tokens/s", flush=True
+    )
+    answers_one = tokens_per_s(model, chats, 1, sampling)
+    answers_eight = tokens_per_s(model, chats, 8, sampling)
+    print(
+        f"answer tokens as the step gets them (each stops at its end): batch 1 "
+        f"{answers_one:.1f} tokens/s, batch 8 {answers_eight:.1f} tokens/s "
+        f"({answers_eight / answers_one:.2f}x)",
+        flush=True,
     )
 
     delay, requests = 0.2, 32

@@ -55,6 +55,11 @@ def form(dataset, teacher, **changes):
     return list(values.values())
 
 
+def test_answer_length_suits_the_task():
+    assert distill_tab.answer_length("classification") == 16
+    assert distill_tab.answer_length("math") == 256
+
+
 def test_teacher_check_and_student_size():
     with FakeOpenAI(key="sk-right") as server:
         ok = distill_tab.check_teacher("Endpoint", "gpt", server.url, "sk-right", "")

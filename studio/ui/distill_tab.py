@@ -101,6 +101,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
             exclude=[f for f in forms.form_fields(SynthesizeConfig) if f not in TEACHER_ADVANCED],
         )
 
+    teacher_form["max_new_tokens"].value = answer_length("classification")  # the default task
     gr.Markdown("### 3. Student")
     with gr.Row():
         student = gr.Dropdown(
@@ -158,6 +159,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     )
     samples = gr.Dataframe(label="Answers side by side", wrap=True, interactive=False)
 
+    task.change(answer_length, inputs=[task], outputs=[teacher_form["max_new_tokens"]])
     teacher_kind.change(
         on_teacher_kind, inputs=[teacher_kind], outputs=[endpoint_row, teacher, logits]
     )
@@ -216,6 +218,15 @@ def build_tab(home: Path, runner: JobRunner) -> None:
 
 def _kwargs(config_cls: type, name: str) -> dict[str, Any]:
     return forms.field_kwargs(config_cls, name)
+
+
+ANSWER_TOKENS = {"classification": 16, "nli": 16, "multiple_choice": 16, "summarization": 160}
+
+
+def answer_length(task: str) -> int:
+    """Max new tokens that suit a task: a label needs a few, reasoning and free text more (the
+    report's models answer with the same cap, so a rambling base model costs no more)."""
+    return ANSWER_TOKENS.get(task, 256)
 
 
 def on_teacher_kind(kind: str):

@@ -136,8 +136,7 @@ def run(config: SynthesizeConfig, workdir: Path, report: Reporter) -> StepResult
     final = _write(folder, workdir, out_rows, stats, config, task)
     report(Log(format_report(stats)))
     meta = {
-        "name": f"{folder.parent.parent.name if folder.name == 'dataset' else folder.name} "
-        f"+ {config.teacher} answers",
+        "name": f"{_dataset_name(folder)} + {Path(config.teacher).name or config.teacher} answers",
         "rows": sum(stats["splits"].values()),
         "splits": stats["splits"],
         "shape": "messages",
@@ -147,6 +146,16 @@ def run(config: SynthesizeConfig, workdir: Path, report: Reporter) -> StepResult
     }
     shutil.rmtree(workdir / CHECKPOINT_DIR, ignore_errors=True)
     return StepResult(artifacts=[("dataset", final.name, meta)], summary=stats)
+
+
+def _dataset_name(folder: Path) -> str:
+    """The name a dataset was imported under (its card's title), else its folder's run."""
+    card = folder / "README.md"
+    if card.exists():
+        for line in card.read_text(encoding="utf-8").splitlines():
+            if line.startswith("# "):
+                return line[2:].strip()
+    return folder.parent.parent.name if folder.name == "dataset" else folder.name
 
 
 def _read(path: Path, limit: int) -> list[dict[str, Any]]:

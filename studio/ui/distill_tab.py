@@ -149,15 +149,23 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     status = gr.Markdown(elem_id="distill-status")
 
     gr.Markdown("### Reports")
+    reports = report_choices(home)
+    latest = reports[0][1] if reports else None
+    shown = report_view(home, latest)  # the newest report is on screen from the start
     with gr.Row():
         report_run = gr.Dropdown(
-            label="Distillation report", choices=report_choices(home), elem_id="distill-report"
+            label="Distillation report", choices=reports, value=latest, elem_id="distill-report"
         )
-    report_md = gr.Markdown()
+    report_md = gr.Markdown(shown[0], elem_id="distill-report-text")
     ratios_plot = gr.BarPlot(
-        x="ratio", y="percent", title="Student against teacher (%)", height=260
+        shown[1],
+        x="ratio",
+        y="percent",
+        y_lim=y_limits(shown[1]),
+        title="Student against teacher (%)",
+        height=260,
     )
-    samples = gr.Dataframe(label="Answers side by side", wrap=True, interactive=False)
+    samples = gr.Dataframe(shown[2], label="Answers side by side", wrap=True, interactive=False)
 
     task.change(answer_length, inputs=[task], outputs=[teacher_form["max_new_tokens"]])
     teacher_kind.change(
@@ -175,7 +183,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     teacher.focus(lambda: gr.update(choices=model_choices(home)), outputs=[teacher])
     report_run.focus(lambda: gr.update(choices=report_choices(home)), outputs=[report_run])
     report_run.change(
-        lambda r: report_view(home, r),
+        lambda r: show_report(home, r),
         inputs=[report_run],
         outputs=[report_md, ratios_plot, samples],
     )
@@ -412,6 +420,17 @@ def report_choices(home: Path) -> list[tuple[str, str]]:
     with store.connect(home) as db:
         rows = store.list_runs(db, step="evaluate", status="succeeded")
     return [(f"{r['name'] or r['id']} · {r['id']}", r["id"]) for r in rows]
+
+
+def show_report(home: Path, run_id: str) -> tuple[str, Any, pd.DataFrame]:
+    """report_view for the page: the bar chart's axis always holds 0 and 100%."""
+    text, bars, samples = report_view(home, run_id)
+    return text, gr.update(value=bars, y_lim=y_limits(bars)), samples
+
+
+def y_limits(bars: pd.DataFrame) -> list[float]:
+    values = list(bars["percent"]) if len(bars) else [0.0]
+    return [min(0.0, min(values)), max(100.0, max(values))]
 
 
 def report_view(home: Path, run_id: str) -> tuple[str, pd.DataFrame, pd.DataFrame]:

@@ -185,7 +185,7 @@ def _measure(
         "size_mb": None if size is None else round(size / 2**20, 1),
         "failed_requests": len(failed),
     }
-    report(Log(f"{role}: {_describe(result, task)}"))
+    report(Log(f"{role}: {_describe(result, task.metric)}"))
     return result, texts
 
 
@@ -227,12 +227,11 @@ def format_report(summary: dict[str, Any]) -> str:
     ]
     task_metric = summary["metric"]
     for role, result in summary["models"].items():
-        lines.append(f"  {role}: {_describe(result, None, task_metric)}")
+        lines.append(f"  {role}: {_describe(result, task_metric)}")
     return "\n".join(lines)
 
 
-def _describe(result: dict[str, Any], task: Task | None, metric: str | None = None) -> str:
-    metric = metric or (task.metric if task else "metric")
+def _describe(result: dict[str, Any], metric: str) -> str:
 
     def fmt(key: str, spec: str = "{:.3g}", unit: str = "") -> str:
         value = result.get(key)

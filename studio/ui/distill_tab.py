@@ -96,10 +96,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         test = gr.Button("Test connection", size="sm", elem_id="distill-test")
         connection = gr.Markdown(elem_id="distill-connection")
     with gr.Accordion("Teacher settings", open=False):
-        teacher_form = forms.build_form(
-            SynthesizeConfig,
-            exclude=[f for f in forms.form_fields(SynthesizeConfig) if f not in TEACHER_ADVANCED],
-        )
+        teacher_form = forms.build_form(SynthesizeConfig, exclude=_others(SynthesizeConfig))
 
     teacher_form["max_new_tokens"].value = answer_length("classification")  # the default task
     gr.Markdown("### 3. Student")
@@ -139,10 +136,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
             precision=0, **{**_kwargs(EvaluateConfig, "max_rows"), "label": "Report rows"}
         )
     with gr.Accordion("Student settings", open=False):
-        student_form = forms.build_form(
-            FinetuneConfig,
-            exclude=[f for f in forms.form_fields(FinetuneConfig) if f not in STUDENT_ADVANCED],
-        )
+        student_form = forms.build_form(FinetuneConfig, exclude=_others(FinetuneConfig))
     student_info = gr.Markdown(elem_id="distill-student")
     start = gr.Button("Start distillation", variant="primary", elem_id="distill-start")
     chain = gr.State({})
@@ -222,6 +216,12 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     )
     timer = gr.Timer(2.0)
     timer.tick(lambda c: chain_md(home, c), inputs=[chain], outputs=[status])
+
+
+def _others(config_cls: type) -> list[str]:
+    """The fields a settings accordion leaves out (it shows only its ADVANCED names)."""
+    shown = TEACHER_ADVANCED if config_cls is SynthesizeConfig else STUDENT_ADVANCED
+    return [f for f in forms.form_fields(config_cls) if f not in shown]
 
 
 def _kwargs(config_cls: type, name: str) -> dict[str, Any]:
@@ -344,14 +344,8 @@ def submit_distill(
     """Validate the whole chain, then queue it; the key goes to the runs' environment only."""
     if not dataset_dir:
         raise gr.Error("Pick a dataset (import one in the Data tab first).")
-    teacher_names = forms.form_fields(
-        SynthesizeConfig,
-        exclude=[f for f in forms.form_fields(SynthesizeConfig) if f not in TEACHER_ADVANCED],
-    )
-    student_names = forms.form_fields(
-        FinetuneConfig,
-        exclude=[f for f in forms.form_fields(FinetuneConfig) if f not in STUDENT_ADVANCED],
-    )
+    teacher_names = forms.form_fields(SynthesizeConfig, exclude=_others(SynthesizeConfig))
+    student_names = forms.form_fields(FinetuneConfig, exclude=_others(FinetuneConfig))
     teacher_values = forms.values_to_kwargs(
         SynthesizeConfig, teacher_names, advanced[: len(teacher_names)]
     )

@@ -9,6 +9,7 @@ STEP_NAMES = (
     "synthesize",
     "finetune",
     "evaluate",
+    "quantize",
 )  # stored in runs.step: never rename one
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipelines.base import Log, Metrics, Progress, Reporter, StepError, StepResult, main, option
-from pipelines.generation import LocalModel, Reply, TeacherFields, memory_sampler
+from pipelines.generation import Reply, TeacherFields, memory_sampler, open_model
 from pipelines.tasks import Task, TaskFields, dataset_labels
 
 ROLES = ("teacher", "student", "student_base")
@@ -54,7 +54,7 @@ CONFIG = EvaluateConfig
 def run(config: EvaluateConfig, workdir: Path, report: Reporter) -> StepResult:
     """Answer the held-out prompts with each model, one at a time, and compare."""
     folder = Path(config.dataset_dir)
-    rows, split = _held_out(folder, config)
+    rows, split = held_out(folder, config.split, config.max_rows)
     labels = dataset_labels(folder) if config.task == "classification" else []
     task = config.build(labels)
     prompts = [task.messages(r) for r in rows]
@@ -101,13 +101,14 @@ def run(config: EvaluateConfig, workdir: Path, report: Reporter) -> StepResult:
     )
 
 
-def _held_out(folder: Path, config: EvaluateConfig) -> tuple[list[dict[str, Any]], str]:
-    for split in dict.fromkeys((config.split, "validation", "test")):
+def held_out(folder: Path, split: str, max_rows: int) -> tuple[list[dict[str, Any]], str]:
+    """Up to max_rows rows of a dataset's split (else its validation or test split)."""
+    for split in dict.fromkeys((split, "validation", "test")):
         path = folder / f"{split}.jsonl"
         if path.exists() and path.stat().st_size:
             with path.open(encoding="utf-8") as f:
                 rows = [
-                    json.loads(line) for _, line in zip(range(config.max_rows), f, strict=False)
+                    json.loads(line) for _, line in zip(range(max_rows), f, strict=False)
                 ]
             return rows, split
     raise StepError(
@@ -136,7 +137,7 @@ def _measure(
     total = len(prompts)
     report(Progress(index * total, count * total, f"loading the {role.replace('_', ' ')}"))
     endpoint = role == "teacher" and bool(config.endpoint)
-    model = config.open_teacher() if role == "teacher" else LocalModel(spec)
+    model = config.open_teacher() if role == "teacher" else open_model(spec)
     stop_memory = None if endpoint else memory_sampler()
     sampling = config.sampling(greedy=True)
     replies: list[Reply] = []

@@ -88,10 +88,10 @@ class TeacherFields:
             return f"{self.teacher} at {self.endpoint}"
         return f"{self.teacher or 'bundled'} (local, transformers)"
 
-    def open_teacher(self) -> Endpoint | LocalModel:
+    def open_teacher(self) -> Any:
         if self.endpoint:
             return Endpoint(self.endpoint, self.teacher, api_key(self.api_key_env), self)
-        return LocalModel(self.teacher)
+        return open_model(self.teacher)
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,8 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    first_token_s: float | None = None  # time to the first token (local models, one at a time)
+    stopped: bool | None = None  # ended at an end-of-sequence token, not at the length limit
 
 
 def api_key(env_name: str = "") -> str:
@@ -117,6 +119,15 @@ def api_key(env_name: str = "") -> str:
 
 
 # --- local models ------------------------------------------------------------------------------
+
+
+def open_model(spec: str) -> Any:
+    """A local model that answers chats: an ONNX Runtime GenAI folder, else transformers."""
+    from pipelines.models import resolve_model
+    from pipelines.onnx_model import OnnxModel, is_onnx_folder
+
+    path = resolve_model(spec)
+    return OnnxModel(path) if is_onnx_folder(path) else LocalModel(spec)
 
 
 class LocalModel:
@@ -164,21 +175,24 @@ class LocalModel:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if sampling.stop:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        first = _FirstToken() if len(prompts) == 1 else None
         started = time.perf_counter()
         with torch.no_grad():
-            output = self.model.generate(**inputs, **kwargs)
+            output = self.model.generate(**inputs, **kwargs, streamer=first)
         seconds = time.perf_counter() - started
         new = output[:, inputs["input_ids"].shape[1] :]
         replies = []
         for i, tokens in enumerate(new):
-            count = _generated_length(tokens.tolist(), self.tokenizer)
+            count, stopped = _generated_length(tokens.tolist(), self.tokenizer)
             text = self.tokenizer.decode(tokens[:count], skip_special_tokens=True)
             replies.append(
                 Reply(
-                    text=_cut_at_stop(text, sampling.stop).strip(),
+                    text=cut_at_stop(text, sampling.stop).strip(),
                     prompt_tokens=int(inputs["attention_mask"][i].sum()),
                     completion_tokens=count,
                     seconds=seconds / len(prompts),
+                    first_token_s=None if first is None else first.at - started,
+                    stopped=stopped,
                 )
             )
         return replies
@@ -232,16 +246,33 @@ class LocalModel:
             torch.cuda.empty_cache()
 
 
-def _generated_length(tokens: list[int], tokenizer: Any) -> int:
-    """Tokens up to and including the first end-of-sequence (padding after it not counted)."""
+def _generated_length(tokens: list[int], tokenizer: Any) -> tuple[int, bool]:
+    """Tokens up to and including the first end-of-sequence (padding after it not counted), and
+    whether there was one (else the answer ran into the length limit)."""
     stops = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     for i, token in enumerate(tokens):
         if token in stops:
-            return i + 1
-    return len(tokens)
+            return i + 1, True
+    return len(tokens), False
 
 
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+class _FirstToken:
+    """A generate() streamer that notes when the first new token arrives (batch of one)."""
+
+    def __init__(self):
+        self.calls, self.at = 0, None
+
+    def put(self, value: Any) -> None:
+        self.calls += 1  # the first call carries the prompt
+        if self.calls == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        if self.at is None:
+            self.at = time.perf_counter()
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
     cut = min((text.find(s) for s in stops if s in text), default=-1)
     return text[:cut] if cut >= 0 else text
 

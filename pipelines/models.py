@@ -14,7 +14,7 @@ BUNDLED = "SmolLM2-135M-Instruct"
 BUNDLED_ALIASES = ("", "bundled", BUNDLED)
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # used instead when the package is missing
-MODEL_FILES = ("config.json", "adapter_config.json")
+MODEL_FILES = ("config.json", "adapter_config.json", "genai_config.json")
 
 
 def models_dir() -> Path:
@@ -52,7 +52,8 @@ def resolve_model(spec: str) -> str:
             return str(path)
         raise StepError(
             f"'{spec}' exists but holds no model: expected a folder with config.json "
-            "(a transformers model), adapter_config.json (an adapter) or a .gguf file."
+            "(a transformers model), adapter_config.json (an adapter), genai_config.json (an "
+            "ONNX Runtime GenAI model) or a .gguf file."
         )
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise StepError(

@@ -105,6 +105,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="queue and return at once")
     p.set_defaults(func=cmd_finetune)
     p = sub.add_parser(
+        "quantize", help="to ONNX Runtime GenAI with a quality gate (flags as in the model builder)"
+    )
+    p.add_argument("--config", help="JSON file with a quantize config; flags override it")
+    p.add_argument("-m", "-i", "--model", "--input", dest="model", help="model: bundled, a folder")
+    p.add_argument("-p", "--precision", choices=["int4", "int8", "fp16", "bf16", "fp32"])
+    p.add_argument("-e", "--execution_provider", choices=["cpu", "cuda", "dml", "webgpu"])
+    p.add_argument(
+        "--extra_options",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="model builder options, e.g. block_size=32 accuracy_level=4 algo_config=k_quant_last",
+    )
+    p.add_argument("--format", choices=["onnx", "bitsandbytes"])
+    p.add_argument("--dataset", help="a dataset folder whose test rows are the gate's prompts")
+    p.add_argument("--task", help="the dataset's task (sets the gate's metric)")
+    p.add_argument("--no-gate", action="store_true", help="convert only, no quality gate")
+    p.add_argument("-o", "--output", help="copy the quantized folder here when done")
+    p.add_argument("--name", default="")
+    p.add_argument("--detach", action="store_true", help="queue and return at once")
+    p.set_defaults(func=cmd_quantize)
+    p = sub.add_parser(
         "distill", help="teacher answers -> student training -> student-vs-teacher report"
     )
     p.add_argument(
@@ -322,6 +343,37 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_quantize(settings: Settings, args: argparse.Namespace) -> int:
+    from pipelines.quantize import QuantizeConfig, format_report
+
+    try:
+        data = json.loads(Path(args.config).read_text()) if args.config else {}
+        for flag in ("model", "precision", "execution_provider", "format", "task"):
+            if getattr(args, flag) is not None:
+                data[flag] = getattr(args, flag)
+        if args.extra_options:
+            data["extra_options"] = " ".join(args.extra_options)
+        if args.dataset:
+            data["dataset_dir"] = args.dataset
+        if args.no_gate:
+            data["gate"] = False
+        config = QuantizeConfig(**_absolute_paths(data))
+    except (OSError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    code, run_id = _submit(
+        settings, "quantize", config, args.name or config.recipe(), follow=not args.detach
+    )
+    if code == 0 and not args.detach:
+        with store.connect(settings.home) as db:
+            summary = json.loads(store.get_run(db, run_id)["summary_json"] or "{}")
+        if "gate" in summary:
+            print(format_report(summary))
+        if args.output:
+            _copy_outputs(settings, run_id, Path(args.output), kinds=("onnx", "model"))
+    return code
+
+
 def cmd_distill(settings: Settings, args: argparse.Namespace) -> int:
     """Queue the distill chain; follow it to the report unless --detach."""
     from pipelines.evaluate import format_report as evaluation_report
@@ -359,12 +411,14 @@ def cmd_distill(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _copy_outputs(settings: Settings, run_id: str, target: Path) -> None:
-    """--output_path: copy a run's artifacts (adapter/, merged/ or model/) to a folder."""
+def _copy_outputs(
+    settings: Settings, run_id: str, target: Path, kinds: tuple[str, ...] = ()
+) -> None:
+    """--output_path: copy a run's artifacts (adapter/, merged/, onnx/...) to a folder."""
     import shutil
 
     with store.connect(settings.home) as db:
-        outputs = store.artifacts(db, run_id=run_id)
+        outputs = [a for a in store.artifacts(db, run_id=run_id) if not kinds or a["kind"] in kinds]
     target.mkdir(parents=True, exist_ok=True)
     for a in outputs:
         source = settings.home / a["path"]

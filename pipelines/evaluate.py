@@ -103,14 +103,12 @@ def run(config: EvaluateConfig, workdir: Path, report: Reporter) -> StepResult:
 
 def held_out(folder: Path, split: str, max_rows: int) -> tuple[list[dict[str, Any]], str]:
     """Up to max_rows rows of a dataset's split (else its validation or test split)."""
-    for split in dict.fromkeys((split, "validation", "test")):
-        path = folder / f"{split}.jsonl"
+    for name in dict.fromkeys((split, "validation", "test")):
+        path = folder / f"{name}.jsonl"
         if path.exists() and path.stat().st_size:
             with path.open(encoding="utf-8") as f:
-                rows = [
-                    json.loads(line) for _, line in zip(range(max_rows), f, strict=False)
-                ]
-            return rows, split
+                rows = [json.loads(line) for _, line in zip(range(max_rows), f, strict=False)]
+            return rows, name
     raise StepError(
         f"{folder} has no test or validation rows to score: import the dataset with a test "
         "or validation share."

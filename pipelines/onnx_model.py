@@ -168,6 +168,4 @@ class OnnxModel:
 
 def size_on_disk(folder: str | Path) -> int:
     """Bytes of the model files (graph, external weights, adapters) of an ONNX folder."""
-    return sum(
-        f.stat().st_size for f in Path(folder).iterdir() if f.name.endswith(ONNX_SUFFIXES)
-    )
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.name.endswith(ONNX_SUFFIXES))

@@ -34,7 +34,7 @@ from pipelines.tasks import TaskFields
 
 Precision = Literal["int4", "int8", "fp16", "bf16", "fp32"]
 Provider = Literal["cpu", "cuda", "dml", "webgpu"]
-Algorithm = Literal["k_quant_last", "k_quant", "rtn_last", "rtn", "default", "k_quant_mixed"]
+Algorithm = Literal["k_quant_mixed", "k_quant_last", "k_quant", "rtn_last", "rtn", "default"]
 # what the builder can make, and what is worth making: ONNX Runtime has no fp16 CPU kernels
 # (it would cast back to fp32 and run slower), so fp16/bf16 are offered on GPUs only
 SUPPORTED: dict[str, tuple[str, ...]] = {
@@ -69,10 +69,11 @@ class QuantizeConfig(TaskFields):
         "cpu", "Target", "Where the model will run: cpu, cuda (NVIDIA), dml (DirectML), webgpu."
     )
     algorithm: Algorithm = option(
-        "k_quant_last",
+        "k_quant_mixed",
         "int4 algorithm",
-        "k_quant_last: k-quant with the output layer in int8 (best quality for its size); "
-        "rtn / default: plain round-to-nearest; *_mixed also keeps sensitive layers in int8.",
+        "k_quant_mixed: k-quant with the output layer and the most sensitive layers in int8 "
+        "(the best quality, a little slower); k_quant_last: only the output layer in int8; "
+        "rtn / default: plain round-to-nearest (fastest to build, loses the most).",
     )
     block_size: int = option(32, "Block size", "Weights per int4/int8 scale: 16-256.")
     symmetric: bool = option(
@@ -126,8 +127,11 @@ class QuantizeConfig(TaskFields):
             raise ValueError(
                 f"precision {self.precision} is not offered for {self.execution_provider}: "
                 f"choose one of {', '.join(SUPPORTED[self.execution_provider])}"
-                + (" (fp16/bf16 run slower than fp32 on a CPU)" if self.precision in (
-                    "fp16", "bf16") and self.execution_provider == "cpu" else "")
+                + (
+                    " (fp16/bf16 run slower than fp32 on a CPU)"
+                    if self.precision in ("fp16", "bf16") and self.execution_provider == "cpu"
+                    else ""
+                )
             )
         if self.format == "bitsandbytes" and (
             self.precision not in ("int4", "int8") or self.execution_provider != "cuda"
@@ -135,6 +139,13 @@ class QuantizeConfig(TaskFields):
             raise ValueError("bitsandbytes export is int4 or int8 for the cuda target")
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
+        if self.precision == "int4" and self.algorithm.startswith("k_quant") and (
+            self.block_size > 32
+        ):
+            raise ValueError(
+                f"the k_quant algorithms work on blocks of 16 or 32 weights, not "
+                f"{self.block_size}: choose block_size 32, or the rtn algorithm"
+            )
         if not 0 <= self.accuracy_level <= 4:
             raise ValueError(f"accuracy_level must be 0-4, got {self.accuracy_level}")
         for pair in self.extra_options.split():
@@ -200,7 +211,9 @@ def run(config: QuantizeConfig, workdir: Path, report: Reporter) -> StepResult:
     kind = "onnx" if config.format == "onnx" else "model"
     artifacts = [(kind, out.name, artifact_meta)]
     if config.gate:
-        artifacts.append(("report", "report.json", {"name": f"{name} gate", "verdict": gate.get("verdict")}))
+        artifacts.append(
+            ("report", "report.json", {"name": f"{name} gate", "verdict": gate.get("verdict")})
+        )
     return StepResult(artifacts=artifacts, summary=summary)
 
 
@@ -331,7 +344,7 @@ def lora_nodes(adapter_dir: Path) -> list[str]:
 
     names = []
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
             match = re.search(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(lora_[AB])\.weight", key)
             if match:
                 layer, block, proj, part = match.groups()
@@ -766,8 +779,8 @@ def suggestion(config: QuantizeConfig, checks: list[dict[str, Any]]) -> str:
 
 
 def _next_rung(config: QuantizeConfig) -> str:
-    if config.precision == "int4" and config.algorithm not in ("k_quant_last", "k_quant_mixed"):
-        return "int4 with the k_quant_last algorithm (the output layer in int8)"
+    if config.precision == "int4" and config.algorithm != "k_quant_mixed":
+        return "int4 with the k_quant_mixed algorithm (sensitive layers in int8)"
     if config.precision == "int4":
         return "int8 (nearly lossless, about twice the size of int4)"
     if config.precision == "int8" and "fp16" in SUPPORTED[config.execution_provider]:

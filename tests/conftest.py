@@ -90,6 +90,14 @@ def tiny_lm(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def bpe_lm(tmp_path_factory):
+    """A tiny model with a byte-level BPE tokenizer, which ONNX Runtime GenAI can read."""
+    from tests.tiny import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("bpe-lm"), hidden_size=64, bpe=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, tiny_lm):
     """A dataset folder as the dataset step writes it: mixed lengths, two labels."""
     from pipelines import dataset

@@ -1,6 +1,7 @@
 """End to end on the bundled SmolLM2-135M-Instruct and the sample dataset, through the CLI: import
 and a short LoRA run (the tuned model answers the sample task better than the base), then a
-distillation of that tuned model into a pruned student, with its report."""
+distillation of that tuned model into a pruned student, with its report, and the tuned model
+quantized to int4 with its quality gate."""
 
 import json
 import subprocess
@@ -140,3 +141,46 @@ def test_distill_the_tuned_model_into_a_pruned_student(tuned, tmp_path):
     assert ratios["memory_saved_pct"] > 20 and ratios["size_saved_pct"] > 40
     assert all(ratios[k] is not None for k in ("quality_kept_pct", "time_saved_pct"))
     assert "of the teacher's quality" in run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_quantize_the_tuned_model_to_int4(tuned):
+    """The tuned model in int4 for the CPU (default recipe) through the CLI: it sees the prompts
+    the source sees, answers with a label and stops at the source's end-of-sequence token."""
+    home, out, result = tuned
+    assert result.returncode == 0, result.stderr[-2000:]
+    dataset = next(home.glob("runs/*/out/dataset"))
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "studio.cli", "--home", str(home), "quantize",
+            "-m", str(out / "merged"), "-p", "int4", "-e", "cpu",
+            "--dataset", str(dataset), "--task", "classification",
+            "-o", str(out / "quantized"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    print(run.stdout[-2500:])
+    from pipelines.generation import Sampling
+    from pipelines.onnx_model import OnnxModel
+    from studio import store
+
+    with store.connect(home) as db:
+        summary = json.loads(store.list_runs(db, step="quantize")[0]["summary_json"])
+    gate = summary["gate"]
+    parity = gate["parity"]
+    assert parity["chat_template"] and parity["tokens"] and parity["eos_match"]
+    assert parity["stop_parity"] == 1.0 and gate["quality_by"] == "accuracy"
+    assert gate["size_ratio"] < 0.3 and gate["speedup"] > 1.5
+    rows = [json.loads(x) for x in (dataset / "validation.jsonl").read_text().splitlines()][:6]
+    model = OnnxModel(out / "quantized" / "onnx")
+    labels = {"account", "billing", "product", "returns", "shipping", "technical"}
+    for row in rows:
+        prompt = [m for m in row["messages"] if m["role"] != "assistant"]
+        reply = model.generate([prompt], Sampling(max_new_tokens=16))[0]
+        assert reply.stopped, reply  # ended at <|im_end|>, not at the length limit
+        assert reply.text.lower().strip(".") in labels, reply.text

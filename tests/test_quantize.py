@@ -24,15 +24,6 @@ FIGURES = (
 
 
 @pytest.fixture(scope="module")
-def bpe_lm(tmp_path_factory):
-    from tests.tiny import build_tiny_causal_lm
-
-    return build_tiny_causal_lm(
-        tmp_path_factory.mktemp("bpe-lm"), hidden_size=64, bpe=True, layers=2
-    )
-
-
-@pytest.fixture(scope="module")
 def int4(bpe_lm, tmp_path_factory):
     """The tiny model in int4 with the gate on 4 built-in prompts (shared by several tests)."""
     workdir = tmp_path_factory.mktemp("int4")
@@ -46,15 +37,20 @@ def test_int4_folder_loads_generates_and_has_every_file(int4, bpe_lm):
     folder = workdir / "onnx"
     for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"):
         assert (folder / name).is_file(), name
-    assert (folder / "chat_template.jinja").read_text() == (bpe_lm / "chat_template.jinja").read_text()
+    assert (folder / "chat_template.jinja").read_text() == (
+        bpe_lm / "chat_template.jinja"
+    ).read_text()
     assert result.artifacts[0][:2] == ("onnx", "onnx")
-    assert result.artifacts[0][2]["recipe"] == "int4 cpu k_quant_last block 32"
+    assert result.artifacts[0][2]["recipe"] == "int4 cpu k_quant_mixed block 32"
     assert not (workdir / "onnx.tmp").exists() and not (workdir / "checkpoints").exists()
     model = open_model(str(folder))
     assert isinstance(model, OnnxModel)
     reply = model.generate([CHAT], Sampling(max_new_tokens=5))[0]
     assert 1 <= reply.completion_tokens <= 5 and reply.first_token_s > 0
-    assert model.prompt_text(CHAT) == "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        model.prompt_text(CHAT)
+        == "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
+    )
     model.close()
 
 
@@ -83,7 +79,9 @@ def test_gate_report_has_every_figure(int4):
     assert len(gate["samples"]) == 4
     saved = json.loads((workdir / "report.json").read_text())
     assert saved["gate"]["verdict"] == gate["verdict"]
-    assert any(isinstance(e, Log) and "quality gate on 4 built-in prompts" in e.message for e in events)
+    assert any(
+        isinstance(e, Log) and "quality gate on 4 built-in prompts" in e.message for e in events
+    )
     assert "Quality kept" in quantize.format_report(result.summary)
 
 
@@ -134,7 +132,9 @@ def test_separate_adapter_swaps_at_run_time(bpe_lm, tmp_path, events):
     """A LoRA kept as adapter_weights.onnx_adapter: the model alone is the base, and with the
     adapter active it answers like the merged model."""
     make_adapter(bpe_lm, tmp_path / "adapter")
-    config = QuantizeConfig(model=str(tmp_path / "adapter"), precision="fp32", adapter="separate", gate=False)
+    config = QuantizeConfig(
+        model=str(tmp_path / "adapter"), precision="fp32", adapter="separate", gate=False
+    )
     result = quantize.run(config, tmp_path / "run", events.append)
     folder = tmp_path / "run" / "onnx"
     assert result.artifacts[0][2]["adapter_file"] == ADAPTER_FILE
@@ -143,7 +143,9 @@ def test_separate_adapter_swaps_at_run_time(bpe_lm, tmp_path, events):
     tuned = LocalModel(str(tmp_path / "adapter")).perplexity([messages])
     plain = LocalModel(str(bpe_lm)).perplexity([messages])
     assert abs(tuned - plain) > 1e-3  # the adapter changes the model
-    assert OnnxModel(folder, adapter=folder / ADAPTER_FILE).perplexity([messages]) == pytest.approx(tuned, rel=1e-3)
+    assert OnnxModel(folder, adapter=folder / ADAPTER_FILE).perplexity([messages]) == pytest.approx(
+        tuned, rel=1e-3
+    )
     assert OnnxModel(folder).perplexity([messages]) == pytest.approx(plain, rel=1e-3)
 
 
@@ -179,6 +181,9 @@ def test_refusals_name_the_problem(bpe_lm, tmp_path, events):
         QuantizeConfig(precision="fp16")
     with pytest.raises(ValueError, match="block_size must be one of"):
         QuantizeConfig(block_size=48)
+    with pytest.raises(ValueError, match="k_quant algorithms work on blocks of 16 or 32"):
+        QuantizeConfig(block_size=128)
+    assert QuantizeConfig(block_size=128, algorithm="rtn").block_size == 128
     with pytest.raises(ValueError, match="KEY=VALUE"):
         QuantizeConfig(extra_options="block_size")
     with pytest.raises(StepError, match="tied"):
@@ -190,12 +195,14 @@ def test_refusals_name_the_problem(bpe_lm, tmp_path, events):
 
 def test_builder_options_follow_the_config():
     options = quantize.builder_options(
-        QuantizeConfig(block_size=64, accuracy_level=1, extra_options="shared_embeddings=true block_size=128")
+        QuantizeConfig(
+            block_size=16, accuracy_level=1, extra_options="shared_embeddings=true block_size=128"
+        )
     )
     assert options == {
         "hf_token": "false",
         "block_size": "128",
-        "algo_config": "k_quant_last",
+        "algo_config": "k_quant_mixed",
         "accuracy_level": "1",
         "shared_embeddings": "true",
     }

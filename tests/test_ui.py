@@ -139,7 +139,7 @@ def test_build_app_returns_blocks_without_launching(home, runner, settings):
     demo = app.build_app(settings, runner)
     assert isinstance(demo, gr.Blocks)
     labels = [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
-    assert labels == ["Data", "Distill", "Finetune", "Runs"] + labels[4:]
+    assert labels == ["Data", "Distill", "Finetune", "Quantize", "Runs"] + labels[5:]
 
 
 @pytest.mark.filterwarnings("ignore:Run .* has already finished")

@@ -247,7 +247,7 @@ def estimate_md(
         )
     except ValueError as e:
         return f"Memory estimate: {e}"
-    gpu_free = _gpu_free_bytes()
+    gpu_free = gpu_free_bytes()
     import psutil
 
     available = gpu_free if gpu_free is not None else psutil.virtual_memory().available
@@ -350,7 +350,7 @@ def _short(spec: str) -> str:
     return "bundled SmolLM2" if spec in ("", "bundled") else Path(spec).name or spec
 
 
-def _gpu_free_bytes() -> int | None:
+def gpu_free_bytes() -> int | None:
     """Free memory of the first GPU from nvidia-smi (the web process does not load torch)."""
     if shutil.which("nvidia-smi") is None:
         return None

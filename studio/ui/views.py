@@ -77,7 +77,7 @@ def dataset_report_md(stats: dict[str, Any]) -> str:
             examples = "; ".join(
                 f"{e['where']}: {e['detail']}" for e in stats["drop_examples"].get(reason, [])
             )
-            lines.append(f"| {reason.replace('_', ' ')} | {n} | {_cell(examples)} |")
+            lines.append(f"| {reason.replace('_', ' ')} | {n} | {cell(examples)} |")
     tokens = stats.get("tokens")
     if tokens:
         lines.append(
@@ -96,7 +96,7 @@ def dataset_report_md(stats: dict[str, Any]) -> str:
         total = sum(stats["labels"].values())
         lines.append("\n| label | rows | share |\n|---|---|---|")
         lines += [
-            f"| {_cell(k)} | {v} | {100 * v / total:.1f}% |" for k, v in stats["labels"].items()
+            f"| {cell(k)} | {v} | {100 * v / total:.1f}% |" for k, v in stats["labels"].items()
         ]
     if stats.get("content_hash"):
         lines.append(f"\nContent hash: `{stats['content_hash'][:16]}…`")
@@ -132,13 +132,15 @@ def summary_md(row: dict[str, Any]) -> str:
         return synthesis_md(summary)
     if row["step"] == "evaluate" and "models" in summary:
         return evaluation_md(summary)
+    if row["step"] == "quantize" and "recipe" in summary:
+        return quantize_md(summary)
     return "```json\n" + json.dumps(summary, indent=2, ensure_ascii=False) + "\n```"
 
 
 def synthesis_md(stats: dict[str, Any]) -> str:
     """The teacher-answer report: valid rate, rejections with examples, labels, usage."""
     lines = [
-        f"Teacher **{_cell(stats['teacher'])}** · task **{stats['task']}** · "
+        f"Teacher **{cell(stats['teacher'])}** · task **{stats['task']}** · "
         f"**{stats['valid']}** of **{stats['rows']}** rows valid "
         f"(**{stats['success_ratio']:.0%}**)"
     ]
@@ -151,13 +153,13 @@ def synthesis_md(stats: dict[str, Any]) -> str:
             examples = "; ".join(
                 f"{e['prompt'][:60]} → {e['reply'][:80]!r}" for e in stats["examples"].get(key, [])
             )
-            lines.append(f"| {_cell(why)} | {n} | {_cell(examples)} |")
+            lines.append(f"| {cell(why)} | {n} | {cell(examples)} |")
     if stats.get("answer_labels"):
         total = sum(stats["answer_labels"].values()) or 1
         reference = stats.get("reference_labels") or {}
         lines.append("\n| label | teacher | share | dataset |\n|---|---|---|---|")
         lines += [
-            f"| {_cell(k)} | {v} | {100 * v / total:.1f}% | {reference.get(k, '')} |"
+            f"| {cell(k)} | {v} | {100 * v / total:.1f}% | {reference.get(k, '')} |"
             for k, v in stats["answer_labels"].items()
         ]
         lines.append(
@@ -223,12 +225,12 @@ def evaluation_md(summary: dict[str, Any]) -> str:
         f"The student keeps **{pct('quality_kept_pct')}** of the teacher's quality, takes "
         f"**{pct('time_saved_pct')}** less time per answer and **{pct('memory_saved_pct')}** "
         f"less memory ({summary['task']}, {summary['metric']} on {summary['rows']} "
-        f"{summary['split']} rows; teacher {_cell(summary['teacher'])}).",
+        f"{summary['split']} rows; teacher {cell(summary['teacher'])}).",
         "",
         header,
         "|" + "---|" * (len(EVALUATION_COLUMNS) + 1),
     ]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in evaluation_rows(summary)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in evaluation_rows(summary)]
     if r.get("gain_over_base") is not None:
         lines.append(
             f"\nTraining changed the student's {summary['metric']} by "
@@ -237,5 +239,78 @@ def evaluation_md(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cell(text: str) -> str:
+QUANTIZE_COLUMNS = [
+    ("perplexity", "perplexity", "{:.3g}"),
+    ("decode_tokens_per_s", "decode tokens/s", "{:.1f}"),
+    ("first_token_p50_s", "first token p50 (s)", "{:.3f}"),
+    ("latency_p50_s", "answer p50 (s)", "{:.2f}"),
+    ("memory_mb", "memory (MB)", "{:.0f}"),
+    ("size_mb", "size (MB)", "{:.0f}"),
+    ("metric", "task metric", "{:.3g}"),
+    ("stopped", "stopped on its own", "{}"),
+]
+
+
+def quantize_md(summary: dict[str, Any]) -> str:
+    """The quantize report: the verdict, each gate, both models side by side, parity, the next
+    thing to try, sample answers and the builder command."""
+    lines = [f"Quantized **{cell(summary['recipe'])}** from `{cell(summary['model'])}`."]
+    gate = summary.get("gate")
+    if gate:
+        verdict = "✅ PASS" if gate["verdict"] == "pass" else "❌ FAIL"
+        lines[0] = (
+            f"**{verdict}** · {lines[0]} Quality gate on {gate['prompts']} (quality by "
+            f"{gate['quality_by']}), measured on {gate['measured_on']}."
+        )
+        lines += ["", "| check | measured | target | |", "|---|---|---|---|"]
+        for c in gate["checks"]:
+            lines.append(
+                f"| {c['name']} | {number(c['value'], '{:.3g}')} | ≥ {c['target']} | "
+                f"{'pass' if c['passed'] else '**fail**'} |"
+            )
+        lines += [
+            "",
+            "| model | " + " | ".join(label for _, label, _ in QUANTIZE_COLUMNS) + " |",
+            "|" + "---|" * (len(QUANTIZE_COLUMNS) + 1),
+        ]
+        for role, result in gate["models"].items():
+            cells = [number(result.get(key), spec) for key, _, spec in QUANTIZE_COLUMNS]
+            lines.append(f"| {role} | " + " | ".join(cells) + " |")
+        parity, agreement = gate["parity"], gate["agreement"]
+        template = (
+            f" Chat template: **{'same' if parity['chat_template'] else 'different'}**; "
+            f"prompt tokens **{'same' if parity['tokens'] else 'different'}**; end-of-sequence "
+            f"ids {parity['eos_quantized']} (source {parity['eos_source']})."
+            if "chat_template" in parity
+            else ""
+        )
+        lines.append(
+            f"\nGreedy answers share **{agreement['prefix_match']:.0%}** of their tokens "
+            f"(as a prefix) and **{agreement['identical']:.0%}** are identical; both models "
+            f"stop the same way on **{parity['stop_parity']:.0%}** of the prompts.{template}"
+        )
+        if gate.get("note"):
+            lines.append(f"\nNote: {cell(gate['note'])}")
+        if gate.get("suggestion"):
+            lines.append(f"\n**Next:** {cell(gate['suggestion'])}")
+        if gate.get("samples"):
+            lines += ["", "| prompt | source | quantized |", "|---|---|---|"]
+            lines += [
+                f"| {cell(s['prompt'][:120])} | {cell(s['source'][:160])} | "
+                f"{cell(s['quantized'][:160])} |"
+                for s in gate["samples"]
+            ]
+    if summary.get("builder_command"):
+        lines.append(
+            f"\nBuilt in {summary.get('build_seconds')} s with\n"
+            f"```\n{summary['builder_command']}\n```"
+        )
+    return "\n".join(lines)
+
+
+def number(value: Any, spec: str = "{:.3g}") -> str:
+    return "n/a" if value is None else spec.format(value)
+
+
+def cell(text: str) -> str:
     return html.escape(str(text)).replace("|", "\\|").replace("\n", " ")

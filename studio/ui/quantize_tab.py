@@ -1,0 +1,218 @@
+"""Quantize tab: a model, a target and a precision to an ONNX Runtime GenAI folder (or
+bitsandbytes), the quality gate's verdict with what to try next, and the quantized models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from pipelines.quantize import SUPPORTED, QuantizeConfig
+from pipelines.tasks import PRESETS
+from studio import store
+from studio.jobs import JobRunner
+from studio.ui import forms, runs_tab, views
+from studio.ui.distill_tab import answer_length
+from studio.ui.finetune_tab import dataset_choices, gpu_free_bytes, model_choices
+
+HAND_LAID = (
+    "model",
+    "execution_provider",
+    "precision",
+    "format",
+    "dataset_dir",
+    "task",
+    "min_quality_pct",
+    "min_speedup",
+    "min_memory_saved_pct",
+)
+SETTINGS = (
+    "algorithm",
+    "block_size",
+    "symmetric",
+    "accuracy_level",
+    "adapter",
+    "extra_options",
+    "gate",
+    "split",
+    "max_rows",
+    "max_new_tokens",
+)
+TARGETS = [
+    ("CPU", "cpu"),
+    ("NVIDIA GPU (CUDA)", "cuda"),
+    ("DirectML (Windows GPUs)", "dml"),
+    ("WebGPU (browsers)", "webgpu"),
+]
+
+
+def build_tab(home: Path, runner: JobRunner) -> None:
+    gr.Markdown(
+        "Make a model small and fast for the machine it will run on: an **ONNX Runtime "
+        "GenAI** folder built by its model builder, then a **quality gate** that runs the "
+        "source and the quantized model on the same held-out prompts and says pass or fail "
+        "against your targets (and what to try next)."
+    )
+    with gr.Row():
+        model = gr.Dropdown(
+            label="Model",
+            choices=model_choices(home),
+            value="bundled",
+            allow_custom_value=True,
+            elem_id="q-model",
+            info="The bundled model, a merged student, a finetuned model or an adapter "
+            "(merged first), or a folder.",
+        )
+        target = gr.Radio(label="Target", choices=TARGETS, value="cpu", elem_id="q-target")
+        precision = gr.Radio(
+            label="Precision",
+            choices=list(SUPPORTED["cpu"]),
+            value="int4",
+            elem_id="q-precision",
+            info="fp16/bf16 are offered for GPUs only: a CPU runs them slower than fp32.",
+        )
+        fmt = gr.Radio(**_kwargs("format"), choices=["onnx", "bitsandbytes"])
+    with gr.Row():
+        dataset_dir = gr.Dropdown(
+            label="Held-out prompts",
+            choices=[("12 built-in general prompts", ""), *dataset_choices(home)],
+            value="",
+            elem_id="q-dataset",
+            info="A dataset's test rows (with its task's metric), or the built-in prompts.",
+        )
+        task = gr.Dropdown(
+            label="Task",
+            choices=[(p["label"], name) for name, p in PRESETS.items()],
+            value="conversation",
+            info="Only with a dataset: sets the prompts and the metric.",
+        )
+    with gr.Row():
+        min_quality = gr.Number(**_kwargs("min_quality_pct"))
+        min_speedup = gr.Number(**_kwargs("min_speedup"))
+        min_memory = gr.Number(**_kwargs("min_memory_saved_pct"))
+    with gr.Accordion("Quantization and gate settings", open=False):
+        settings = forms.build_form(QuantizeConfig, exclude=_others())
+    start = gr.Button("Quantize", variant="primary", elem_id="q-start")
+    run_id = gr.State("")
+    status = gr.HTML(elem_id="q-status")
+    report = gr.Markdown(elem_id="q-report")
+    gr.Markdown("### Quantized models")
+    made = gr.Markdown(quantized_md(home), elem_id="q-models")
+
+    target.change(precision_choices, inputs=[target, precision], outputs=[precision])
+    task.change(gate_answer_length, inputs=[task], outputs=[settings["max_new_tokens"]])
+    model.focus(lambda: gr.update(choices=model_choices(home)), outputs=[model])
+    dataset_dir.focus(
+        lambda: gr.update(choices=[("12 built-in general prompts", ""), *dataset_choices(home)]),
+        outputs=[dataset_dir],
+    )
+
+    def on_start(*values):
+        return submit_quantize(runner, *values)
+
+    start.click(
+        on_start,
+        inputs=[
+            model,
+            target,
+            precision,
+            fmt,
+            dataset_dir,
+            task,
+            min_quality,
+            min_speedup,
+            min_memory,
+            *settings.values(),
+        ],
+        outputs=[run_id, status],
+    )
+    timer = gr.Timer(2.0)
+    timer.tick(
+        lambda r: (*runs_tab.run_status(home, r), quantized_md(home)),
+        inputs=[run_id],
+        outputs=[status, report, made],
+    )
+
+
+def _others() -> list[str]:
+    return [f for f in forms.form_fields(QuantizeConfig) if f not in SETTINGS]
+
+
+def _kwargs(name: str) -> dict[str, Any]:
+    return forms.field_kwargs(QuantizeConfig, name)
+
+
+def gate_answer_length(task: str) -> int:
+    """Labels need a few tokens; free text is compared on its first 64 (and by perplexity)."""
+    return min(answer_length(task), 64)
+
+
+def precision_choices(target: str, current: str):
+    """Only the precisions the builder makes for a target (and that are worth it there)."""
+    choices = list(SUPPORTED.get(target, SUPPORTED["cpu"]))
+    return gr.update(choices=choices, value=current if current in choices else choices[0])
+
+
+def submit_quantize(
+    runner: JobRunner,
+    model: str,
+    target: str,
+    precision: str,
+    fmt: str,
+    dataset_dir: str,
+    task: str,
+    min_quality: float,
+    min_speedup: float,
+    min_memory: float,
+    *settings: Any,
+) -> tuple[str, str]:
+    """Validate the form and queue a quantize run."""
+    names = forms.form_fields(QuantizeConfig, exclude=_others())
+    try:
+        config = QuantizeConfig(
+            model=(model or "bundled").strip(),
+            execution_provider=target or "cpu",
+            precision=precision or "int4",
+            format=fmt or "onnx",
+            dataset_dir=dataset_dir or "",
+            task=task if dataset_dir else "conversation",
+            min_quality_pct=float(min_quality),
+            min_speedup=float(min_speedup),
+            min_memory_saved_pct=float(min_memory),
+            **forms.values_to_kwargs(QuantizeConfig, names, settings),
+        )
+    except (ValueError, TypeError) as e:
+        raise gr.Error(f"Can't start: {e}") from e
+    if config.format == "bitsandbytes" and gpu_free_bytes() is None:
+        raise gr.Error(
+            "bitsandbytes 4-bit/8-bit models run on NVIDIA GPUs, and this machine has none: "
+            "choose the onnx format (int4 or int8 for a CPU)."
+        )
+    run_id = runner.submit("quantize", config, name=config.recipe())
+    return run_id, runs_tab.run_status(runner.home, run_id)[0]
+
+
+def quantized_md(home: Path) -> str:
+    """Every ONNX (and bitsandbytes) model made here, with its gate verdict."""
+    with store.connect(home) as db:
+        rows = store.artifacts(db, kind="onnx") + [
+            a for a in store.artifacts(db, kind="model") if "recipe" in (a["meta_json"] or "")
+        ]
+    if not rows:
+        return "None yet: quantize a model and it appears here (and in Deploy)."
+    lines = [
+        "| model | verdict | quality kept | speed-up | size | run | folder |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for a in sorted(rows, key=lambda a: a["id"], reverse=True):
+        meta = json.loads(a["meta_json"] or "{}")
+        lines.append(
+            f"| {views.cell(a['name'])} | {meta.get('verdict') or 'not gated'} | "
+            f"{views.number(meta.get('quality_kept_pct'), '{:.1f}%')} | "
+            f"{views.number(meta.get('speedup'), '{:.2f}x')} | "
+            f"{views.number(a['bytes'] / 2**20 if a['bytes'] else None, '{:.0f} MB')} | "
+            f"`{a['run_id']}` | `{a['path']}` |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Quantize tab handlers: the form queues a quantize run (inline runner, tiny model), the report
+shows the verdict and every figure, and the list of quantized models picks it up."""
+
+import json
+
+import gradio as gr
+import pytest
+
+from pipelines.quantize import QuantizeConfig
+from studio import store
+from studio.jobs import JobRunner
+from studio.ui import forms, quantize_tab, views
+
+
+def settings(**changes):
+    """The settings accordion's values in form order, with some changed."""
+    names = forms.form_fields(QuantizeConfig, exclude=quantize_tab._others())
+    return [changes.get(n, forms.field_kwargs(QuantizeConfig, n)["value"]) for n in names]
+
+
+def test_precisions_follow_the_target():
+    cpu = quantize_tab.precision_choices("cpu", "fp16")
+    assert cpu["choices"] == ["int4", "int8", "fp32"] and cpu["value"] == "int4"
+    cuda = quantize_tab.precision_choices("cuda", "fp16")
+    assert "bf16" in cuda["choices"] and cuda["value"] == "fp16"
+    assert quantize_tab.gate_answer_length("classification") == 16
+    assert quantize_tab.gate_answer_length("conversation") == 64
+
+
+def test_quantize_from_the_form(home, bpe_lm):
+    runner = JobRunner(home, inline=True)
+    assert "None yet" in quantize_tab.quantized_md(home)
+    run_id, status = quantize_tab.submit_quantize(
+        runner, str(bpe_lm), "cpu", "int8", "onnx", "", "conversation", 95, 2, 50,
+        *settings(max_rows=2, max_new_tokens=4),
+    )  # fmt: skip
+    with store.connect(home) as db:
+        row = store.get_run(db, run_id)
+        (onnx,) = store.artifacts(db, run_id=run_id, kind="onnx")
+    assert row["status"] == "succeeded", row["error"]
+    assert (home / onnx["path"] / "genai_config.json").is_file()
+    meta = json.loads(onnx["meta_json"])
+    assert meta["recipe"] == "int8 cpu k_quant_mixed block 32" and meta["verdict"] in ("pass", "fail")
+    text = views.summary_md(row)
+    assert "Quality gate on 2 built-in prompts" in text and "decode tokens/s" in text
+    assert "onnxruntime_genai.models.builder" in text
+    assert "int8 cpu" in quantize_tab.quantized_md(home)
+
+
+def test_form_mistakes_are_refused(home):
+    runner = JobRunner(home, inline=True)
+    with pytest.raises(gr.Error, match="block_size"):
+        quantize_tab.submit_quantize(
+            runner, "bundled", "cpu", "int4", "onnx", "", "conversation", 95, 2, 50,
+            *settings(block_size=48),
+        )  # fmt: skip
+    with pytest.raises(gr.Error, match="NVIDIA GPU"):
+        quantize_tab.submit_quantize(
+            runner, "bundled", "cuda", "int4", "bitsandbytes", "", "conversation", 95, 2, 50,
+            *settings(),
+        )  # fmt: skip
+    with store.connect(home) as db:
+        assert store.list_runs(db) == []

@@ -1,5 +1,7 @@
-"""GPU check for a machine with CUDA (under 5 minutes): bf16 LoRA and QLoRA (bitsandbytes 4-bit
-NF4, paged AdamW) on the bundled SmolLM2-135M and the sample dataset; tokens/s and peak memory.
+"""GPU check for a machine with CUDA (under 8 minutes): bf16 LoRA and QLoRA (bitsandbytes 4-bit
+NF4, paged AdamW) on the bundled SmolLM2-135M and the sample dataset, tokens/s and peak memory;
+then the LoRA model exported to ONNX int4 for CUDA and to bitsandbytes NF4, each with its
+quality gate.
 
 Run as: python bench/gpu_check.py
 """
@@ -16,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipelines import dataset, finetune  # noqa: E402
+from pipelines import dataset, finetune, quantize  # noqa: E402
 
 
 def main() -> None:
@@ -63,6 +65,22 @@ def main() -> None:
                 f"{time.monotonic() - started:.0f} s",
                 flush=True,
             )
+        gates = {}
+        for fmt in ("onnx", "bitsandbytes"):
+            config = quantize.QuantizeConfig(
+                model=str(tmp / "lora" / "merged"),
+                format=fmt,
+                execution_provider="cuda",
+                dataset_dir=str(tmp / "data" / "dataset"),
+                split="validation",
+                max_rows=8,
+                max_new_tokens=16,
+            )
+            started = time.monotonic()
+            summary = quantize.run(config, tmp / f"q-{fmt}", lambda event: None).summary
+            gates[fmt] = summary["gate"]
+            print(quantize.format_report(summary), flush=True)
+            print(f"{fmt}: {time.monotonic() - started:.0f} s", flush=True)
     lora, qlora = results["lora"], results["qlora"]
     print(f"BENCH gpu_lora_bf16_tokens_per_s {lora['tokens_per_s']:.0f} >= 1000")
     print(
@@ -73,6 +91,8 @@ def main() -> None:
         f"BENCH gpu_qlora_validation_loss_drop "
         f"{qlora['eval_loss_before'] - qlora['eval_loss']:.3f} > 0"
     )
+    print(f"BENCH gpu_onnx_int4_cuda_size_over_fp32 {gates['onnx']['size_ratio']:.3f} <= 0.25")
+    print(f"BENCH gpu_bnb_nf4_size_over_fp32 {gates['bitsandbytes']['size_ratio']:.3f} <= 0.5")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class OnnxModel:
         import psutil
 
         self.path = self.spec = str(path)
+        self.on_cpu, self.adapter = on_cpu, adapter
         process = psutil.Process()
         before = process.memory_info().rss
         try:

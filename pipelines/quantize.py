@@ -139,8 +139,10 @@ class QuantizeConfig(TaskFields):
             raise ValueError("bitsandbytes export is int4 or int8 for the cuda target")
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
-        if self.precision == "int4" and self.algorithm.startswith("k_quant") and (
-            self.block_size > 32
+        if (
+            self.precision == "int4"
+            and self.algorithm.startswith("k_quant")
+            and (self.block_size > 32)
         ):
             raise ValueError(
                 f"the k_quant algorithms work on blocks of 16 or 32 weights, not "
@@ -163,9 +165,10 @@ class QuantizeConfig(TaskFields):
         if self.format == "bitsandbytes":
             return f"bitsandbytes {'nf4' if self.precision == 'int4' else 'int8'}"
         text = f"{self.precision} {self.execution_provider}"
+        if self.precision == "int4":
+            text += f" {self.algorithm}"
         if self.precision in ("int4", "int8"):
-            text += f" {self.algorithm} block {self.block_size}"
-            text += "" if self.symmetric else " asymmetric"
+            text += f" block {self.block_size}" + ("" if self.symmetric else " asymmetric")
         return text
 
 
@@ -609,20 +612,18 @@ def _open_quantized(config, out: Path, measured_on: str, adapter_file: str | Non
 
 
 def _measure(role, model, prompts, conversations, sampling, report, index) -> tuple[dict, list]:
-    from pipelines.generation import memory_sampler
-
     total = len(prompts)
-    stop_memory = memory_sampler()
     replies = []
     try:
         for i, prompt in enumerate(prompts):
             replies.append(model.generate([prompt], sampling)[0])
             report(Progress(index * total + i + 1, 2 * total, f"{role}: {i + 1}/{total} answered"))
         perplexity = model.perplexity(conversations) if conversations else None
-        memory = model.memory_bytes() + stop_memory()
         size = model.size_bytes()
     finally:
         model.close()
+    report(Progress(index * total + total, 2 * total, f"{role}: measuring its memory"))
+    memory = memory_probe(model, prompts[0], sampling)
     decode_tokens = sum(max(0, r.completion_tokens - 1) for r in replies)
     decode_seconds = sum(r.seconds - (r.first_token_s or 0) for r in replies)
     first = sorted(r.first_token_s for r in replies if r.first_token_s is not None)
@@ -637,6 +638,56 @@ def _measure(role, model, prompts, conversations, sampling, report, index) -> tu
     }
     report(Log(f"{role}: {_describe(result)}"))
     return result, replies
+
+
+def memory_probe(model: Any, prompt: list[dict[str, str]], sampling: Any) -> int:
+    """Peak memory a fresh process needs to load the model and answer one prompt: its resident
+    set's growth after the libraries are imported (on CUDA, the peak allocated). Measured apart,
+    because memory this process freed earlier would hide what the next model takes."""
+    from pipelines.onnx_model import OnnxModel
+
+    args = {
+        "path": str(model.path),
+        "onnx": isinstance(model, OnnxModel),
+        "on_cpu": getattr(model, "on_cpu", False),
+        "adapter": str(model.adapter) if getattr(model, "adapter", None) else None,
+        "prompt": prompt,
+        "max_new_tokens": min(16, sampling.max_new_tokens),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", "from pipelines import quantize; quantize._probe_child()", "--"]
+        + [json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if result.returncode != 0:
+        raise StepError(f"measuring the memory of {model.path} failed: {result.stderr[-500:]}")
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def _probe_child() -> None:
+    import resource
+
+    import onnxruntime_genai  # noqa: F401 - both engines' libraries are part of the baseline
+    import psutil
+    import torch
+    import transformers  # noqa: F401
+
+    from pipelines.generation import LocalModel, Sampling
+    from pipelines.onnx_model import OnnxModel
+
+    args = json.loads(sys.argv[-1])
+    base = psutil.Process().memory_info().rss
+    if args["onnx"]:
+        model = OnnxModel(args["path"], on_cpu=args["on_cpu"], adapter=args["adapter"])
+    else:
+        model = LocalModel(args["path"])
+    model.generate([args["prompt"]], Sampling(max_new_tokens=args["max_new_tokens"]))
+    if torch.cuda.is_available() and not args["onnx"]:
+        print(torch.cuda.max_memory_allocated())
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
 
 
 def _parity(config, tokenizer, source, out, prompts, replies, adapter_file) -> dict[str, Any]:

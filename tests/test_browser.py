@@ -1,5 +1,6 @@
 """A new user in headless Chromium: upload a file in the Data tab, find the import in the Runs tab,
-test the teacher in the Distill tab, restart the studio and find the import still there."""
+test the teacher in the Distill tab, see the Quantize tab offer precisions per target, restart
+the studio and find the import still there."""
 
 import os
 import socket
@@ -91,6 +92,10 @@ def test_upload_import_and_find_it_in_the_runs_tab_after_a_restart(tmp_path, bro
         page.get_by_role("tab", name="Distill").click()
         page.locator("#distill-test").click()  # the bundled teacher is ready at once
         expect(page.locator("#distill-connection")).to_contain_text("ready", timeout=10_000)
+        page.get_by_role("tab", name="Quantize").click()  # fp16 is offered for GPUs only
+        expect(page.locator("#q-precision")).not_to_contain_text("fp16")
+        page.locator("#q-target").get_by_text("NVIDIA GPU (CUDA)").click()
+        expect(page.locator("#q-precision")).to_contain_text("fp16", timeout=10_000)
         page.close()
     finally:
         app.terminate()

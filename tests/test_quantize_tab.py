@@ -40,11 +40,11 @@ def test_quantize_from_the_form(home, bpe_lm):
     assert row["status"] == "succeeded", row["error"]
     assert (home / onnx["path"] / "genai_config.json").is_file()
     meta = json.loads(onnx["meta_json"])
-    assert meta["recipe"] == "int8 cpu k_quant_mixed block 32" and meta["verdict"] in ("pass", "fail")
+    assert meta["recipe"] == "int8 cpu block 32" and meta["verdict"] in ("pass", "fail")
     text = views.summary_md(row)
     assert "Quality gate on 2 built-in prompts" in text and "decode tokens/s" in text
     assert "onnxruntime_genai.models.builder" in text
-    assert "int8 cpu" in quantize_tab.quantized_md(home)
+    assert "int8 cpu block 32" in quantize_tab.quantized_md(home)
 
 
 def test_form_mistakes_are_refused(home):

@@ -669,22 +669,28 @@ def memory_probe(model: Any, prompt: list[dict[str, str]], sampling: Any) -> int
 def _probe_child() -> None:
     import resource
 
-    import onnxruntime_genai  # noqa: F401 - both engines' libraries are part of the baseline
     import psutil
-    import torch
-    import transformers  # noqa: F401
-
-    from pipelines.generation import LocalModel, Sampling
-    from pipelines.onnx_model import OnnxModel
 
     args = json.loads(sys.argv[-1])
-    base = psutil.Process().memory_info().rss
-    if args["onnx"]:
+    if args["onnx"]:  # an ONNX model is served without torch: its baseline has no torch either
+        import onnxruntime_genai  # noqa: F401
+
+        from pipelines.onnx_model import OnnxModel
+
+        base = psutil.Process().memory_info().rss
         model = OnnxModel(args["path"], on_cpu=args["on_cpu"], adapter=args["adapter"])
     else:
+        import torch
+        import transformers  # noqa: F401
+
+        from pipelines.generation import LocalModel
+
+        base = psutil.Process().memory_info().rss
         model = LocalModel(args["path"])
+    from pipelines.generation import Sampling
+
     model.generate([args["prompt"]], Sampling(max_new_tokens=args["max_new_tokens"]))
-    if torch.cuda.is_available() and not args["onnx"]:
+    if not args["onnx"] and torch.cuda.is_available():
         print(torch.cuda.max_memory_allocated())
     else:
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)

@@ -75,7 +75,7 @@ def test_lora_on_the_bundled_model_learns_the_sample_task(tuned):
         summary = json.loads(store.list_runs(db, step="finetune")[0]["summary_json"])
     assert summary["eval_loss"] < summary["eval_loss_before"]  # the validation loss went down
     dataset = next(home.glob("runs/*/out/dataset"))
-    rows = [json.loads(x) for x in (dataset / "validation.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (dataset / "validation.jsonl").read_text().splitlines()][:24]
     base, tuned_accuracy = _accuracy("bundled", rows), _accuracy(str(out / "merged"), rows)
     print(f"sample task accuracy: base {base:.0%}, tuned {tuned_accuracy:.0%}")
     assert tuned_accuracy >= base + 0.25
@@ -95,7 +95,7 @@ def test_distill_the_tuned_model_into_a_pruned_student(tuned, tmp_path):
             "task": "classification",
             "teacher": str(out / "merged"),
             "splits": "train",
-            "max_rows": 48,
+            "max_rows": 40,
             "max_new_tokens": 5,
             "temperature": 0.0,
         },
@@ -108,7 +108,7 @@ def test_distill_the_tuned_model_into_a_pruned_student(tuned, tmp_path):
             "learning_rate": 1e-4,
             "eval_steps": 0,
         },
-        "evaluate": {"max_rows": 12},
+        "evaluate": {"max_rows": 8},
     }
     (tmp_path / "distill.json").write_text(json.dumps(spec))
     run = subprocess.run(
@@ -145,15 +145,17 @@ def test_distill_the_tuned_model_into_a_pruned_student(tuned, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_quantize_the_tuned_model_to_int4(tuned):
+def test_quantize_the_tuned_model_to_int4(tuned, tmp_path):
     """The tuned model in int4 for the CPU (default recipe) through the CLI: it sees the prompts
     the source sees, answers with a label and stops at the source's end-of-sequence token."""
     home, out, result = tuned
     assert result.returncode == 0, result.stderr[-2000:]
     dataset = next(home.glob("runs/*/out/dataset"))
+    (tmp_path / "gate.json").write_text(json.dumps({"max_rows": 8, "max_new_tokens": 8}))
     run = subprocess.run(
         [
             sys.executable, "-m", "studio.cli", "--home", str(home), "quantize",
+            "--config", str(tmp_path / "gate.json"),
             "-m", str(out / "merged"), "-p", "int4", "-e", "cpu",
             "--dataset", str(dataset), "--task", "classification",
             "-o", str(out / "quantized"),

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,8 +44,8 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "webgpu": ("int4", "int8"),
 }
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-BUILTIN_PROMPTS = Path(__file__).parent / "samples" / "heldout_chat.jsonl"
-MIN_STOP_PARITY = 0.8  # share of prompts where both models stop the same way
+CHECK_QUALITY, CHECK_SPEED = "quality kept (%)", "decode speed-up (x)"
+CHECK_MEMORY, CHECK_PARITY = "memory saved (%)", "chat template and end of sequence"
 ONNX_DIR, BNB_DIR = "onnx", "bnb"
 
 
@@ -197,8 +197,12 @@ def run(config: QuantizeConfig, workdir: Path, report: Reporter) -> StepResult:
         **meta,
     }
     if config.gate:
-        summary["gate"] = quality_gate(config, source, out, report, meta.get("adapter_file"))
-        report(Metrics(step=0, values=_flat(summary["gate"])))
+        from pipelines.gate import flat, format_report, quality_gate
+
+        result = quality_gate(config, source, out, report, meta.get("adapter_file"))
+        result["suggestion"] = suggestion(config, result["checks"])
+        summary["gate"] = result
+        report(Metrics(step=0, values=flat(result)))
         (workdir / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
         report(Log(format_report(summary)))
     shutil.rmtree(work, ignore_errors=True)  # merged copies and the builder cache
@@ -493,426 +497,55 @@ def _bitsandbytes(
     return source, out, {"bytes": _folder_bytes(out)}
 
 
-# --- the quality gate --------------------------------------------------------------------------
+# --- what to try next -------------------------------------------------------------------------
 
 
-def quality_gate(
-    config: QuantizeConfig,
-    source: Path,
-    out: Path,
-    report: Reporter,
-    adapter_file: str | None = None,
-) -> dict[str, Any]:
-    """The source and the quantized model answer the same held-out prompts one at a time:
-    quality (task metric or perplexity), greedy agreement, chat template and end-of-sequence
-    parity, size, decode speed, time to first token and memory, against the user's gates."""
-    from pipelines.evaluate import held_out
-    from pipelines.generation import LocalModel, Sampling
-    from pipelines.tasks import build_task, dataset_labels
-
-    if config.dataset_dir:
-        folder = Path(config.dataset_dir)
-        rows, split = held_out(folder, config.split, config.max_rows)
-        labels = dataset_labels(folder) if config.task == "classification" else []
-        task = config.build(labels)
-        prompts_from = f"{len(rows)} {split} rows of {folder.parent.name or folder.name}"
-    else:
-        with BUILTIN_PROMPTS.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f][: config.max_rows]
-        task = build_task("conversation")
-        prompts_from = f"{len(rows)} built-in prompts"
-    prompts = [task.messages(r) for r in rows]
-    references = [r.get("reference") or task.reference(r) for r in rows]
-    conversations = [
-        [*p, {"role": "assistant", "content": ref}]
-        for p, ref in zip(prompts, references, strict=True)
-        if ref
-    ]
-    sampling = Sampling(temperature=0.0, max_new_tokens=config.max_new_tokens)
-    report(Log(f"quality gate on {prompts_from}, greedy, up to {config.max_new_tokens} tokens"))
-    measured_on, note = _gate_device(config, out)
-    quantized = _open_quantized(config, out, measured_on, adapter_file)
-    results, replies = {}, {}
-    results["quantized"], replies["quantized"] = _measure(
-        "quantized", quantized, prompts, conversations, sampling, report, 0
-    )
-    results["source"], replies["source"] = _measure(
-        "source", LocalModel(str(source)), prompts, conversations, sampling, report, 1
-    )
-    from pipelines.models import load_tokenizer
-
-    tokenizer = load_tokenizer(str(source))
-    parity = _parity(config, tokenizer, source, out, prompts, replies, adapter_file)
-    for role in results:
-        texts = [r.text or "" for r in replies[role]]
-        scored = [task.score(t, ref) for t, ref in zip(texts, references, strict=True) if ref]
-        results[role]["metric"] = _mean(scored) if scored else None
-    agreement = _agreement(tokenizer, replies["source"], replies["quantized"])
-    gate = _gates(config, task.metric, results)
-    gate.update(
-        prompts=prompts_from,
-        measured_on=measured_on,
-        note=note,
-        models=results,
-        agreement=agreement,
-        parity=parity,
-        samples=[
-            {
-                "prompt": prompts[i][-1]["content"][:300],
-                "source": (replies["source"][i].text or "")[:300],
-                "quantized": (replies["quantized"][i].text or "")[:300],
-            }
-            for i in range(min(6, len(prompts)))
-        ],
-    )
-    gate["checks"].append(
-        {
-            "name": "chat template and end of sequence",
-            "value": parity["stop_parity"],
-            "op": ">=",
-            "target": MIN_STOP_PARITY,
-            "passed": parity["passed"],
-        }
-    )
-    gate["verdict"] = "pass" if all(c["passed"] for c in gate["checks"]) else "fail"
-    gate["suggestion"] = suggestion(config, gate["checks"])
-    return gate
-
-
-def _gate_device(config: QuantizeConfig, out: Path) -> tuple[str, str]:
-    """Where the quantized model is measured: on its target when this machine has it."""
-    if config.format == "bitsandbytes" or config.execution_provider == "cpu":
-        return config.execution_provider, ""
-    import onnxruntime_genai as og
-
-    available = {
-        "cuda": og.is_cuda_available(),
-        "dml": og.is_dml_available(),
-        "webgpu": og.is_webgpu_available(),
-    }[config.execution_provider]
-    if available:
-        return config.execution_provider, ""
-    return "cpu", (
-        f"this machine has no {config.execution_provider}: the model ran on the CPU, so quality "
-        "and parity hold for the target but its speed there will differ"
-    )
-
-
-def _open_quantized(config, out: Path, measured_on: str, adapter_file: str | None) -> Any:
-    from pipelines.generation import LocalModel
-    from pipelines.onnx_model import OnnxModel
-
-    if config.format == "bitsandbytes":
-        return LocalModel(str(out))
-    return OnnxModel(
-        out,
-        on_cpu=measured_on == "cpu" and config.execution_provider != "cpu",
-        adapter=out / adapter_file if adapter_file else None,
-    )
-
-
-def _measure(role, model, prompts, conversations, sampling, report, index) -> tuple[dict, list]:
-    total = len(prompts)
-    replies = []
-    try:
-        for i, prompt in enumerate(prompts):
-            replies.append(model.generate([prompt], sampling)[0])
-            report(Progress(index * total + i + 1, 2 * total, f"{role}: {i + 1}/{total} answered"))
-        perplexity = model.perplexity(conversations) if conversations else None
-        size = model.size_bytes()
-    finally:
-        model.close()
-    report(Progress(index * total + total, 2 * total, f"{role}: measuring its memory"))
-    memory = memory_probe(model, prompts[0], sampling)
-    decode_tokens = sum(max(0, r.completion_tokens - 1) for r in replies)
-    decode_seconds = sum(r.seconds - (r.first_token_s or 0) for r in replies)
-    first = sorted(r.first_token_s for r in replies if r.first_token_s is not None)
-    result = {
-        "perplexity": perplexity,
-        "decode_tokens_per_s": round(decode_tokens / decode_seconds, 1) if decode_seconds else None,
-        "first_token_p50_s": round(first[len(first) // 2], 4) if first else None,
-        "latency_p50_s": round(sorted(r.seconds for r in replies)[total // 2], 4),
-        "memory_mb": round(memory / 2**20, 1),
-        "size_mb": round(size / 2**20, 1),
-        "stopped": sum(bool(r.stopped) for r in replies),
-    }
-    report(Log(f"{role}: {_describe(result)}"))
-    return result, replies
-
-
-def memory_probe(model: Any, prompt: list[dict[str, str]], sampling: Any) -> int:
-    """Peak memory a fresh process needs to load the model and answer one prompt: its resident
-    set's growth after the libraries are imported (on CUDA, the peak allocated). Measured apart,
-    because memory this process freed earlier would hide what the next model takes."""
-    from pipelines.onnx_model import OnnxModel
-
-    args = {
-        "path": str(model.path),
-        "onnx": isinstance(model, OnnxModel),
-        "on_cpu": getattr(model, "on_cpu", False),
-        "adapter": str(model.adapter) if getattr(model, "adapter", None) else None,
-        "prompt": prompt,
-        "max_new_tokens": min(16, sampling.max_new_tokens),
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", "from pipelines import quantize; quantize._probe_child()", "--"]
-        + [json.dumps(args)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if result.returncode != 0:
-        raise StepError(f"measuring the memory of {model.path} failed: {result.stderr[-500:]}")
-    return int(result.stdout.strip().splitlines()[-1])
-
-
-def _probe_child() -> None:
-    import resource
-
-    import psutil
-
-    args = json.loads(sys.argv[-1])
-    if args["onnx"]:  # an ONNX model is served without torch: its baseline has no torch either
-        import onnxruntime_genai  # noqa: F401
-
-        from pipelines.onnx_model import OnnxModel
-
-        base = psutil.Process().memory_info().rss
-        model = OnnxModel(args["path"], on_cpu=args["on_cpu"], adapter=args["adapter"])
-    else:
-        import torch
-        import transformers  # noqa: F401
-
-        from pipelines.generation import LocalModel
-
-        base = psutil.Process().memory_info().rss
-        model = LocalModel(args["path"])
-    from pipelines.generation import Sampling
-
-    model.generate([args["prompt"]], Sampling(max_new_tokens=args["max_new_tokens"]))
-    if not args["onnx"] and torch.cuda.is_available():
-        print(torch.cuda.max_memory_allocated())
-    else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
-
-
-def _parity(config, tokenizer, source, out, prompts, replies, adapter_file) -> dict[str, Any]:
-    """Does the quantized model see the prompts the source sees, and stop where it stops?"""
-    checks: dict[str, Any] = {}
-    if config.format == "onnx":
-        from pipelines.onnx_model import OnnxModel, eos_ids
-
-        model = OnnxModel(out, on_cpu=True)
-        try:
-            same_text = same_ids = True
-            for prompt in prompts[:4]:
-                ours = model.prompt_text(prompt)
-                theirs = tokenizer.apply_chat_template(
-                    prompt, tokenize=False, add_generation_prompt=True
-                )
-                same_text &= ours == theirs
-                same_ids &= [int(t) for t in model.tokenizer.encode(ours)] == tokenizer(
-                    theirs, add_special_tokens=False
-                )["input_ids"]
-        finally:
-            model.close()
-        expected = _source_eos(source, tokenizer)
-        checks.update(
-            chat_template=same_text,
-            tokens=same_ids,
-            eos_source=expected,
-            eos_quantized=eos_ids(out),
-            eos_match=set(expected) <= set(eos_ids(out)),
-        )
-    pairs = list(zip(replies["source"], replies["quantized"], strict=True))
-    checks["stop_parity"] = round(sum(a.stopped == b.stopped for a, b in pairs) / len(pairs), 3)
-    checks["passed"] = (
-        checks.get("chat_template", True)
-        and checks.get("tokens", True)
-        and checks.get("eos_match", True)
-        and checks["stop_parity"] >= MIN_STOP_PARITY
-    )
-    return checks
-
-
-def _source_eos(source: Path, tokenizer: Any) -> list[int]:
-    path = source / "generation_config.json"
-    value = json.loads(path.read_text()).get("eos_token_id") if path.exists() else None
-    if value is None:
-        value = tokenizer.eos_token_id
-    return sorted(value if isinstance(value, list) else [value])
-
-
-def _agreement(tokenizer, source: list, quantized: list) -> dict[str, float]:
-    """Greedy answers compared token by token: the shared prefix, and identical answers."""
-    prefixes, same = [], 0
-    for a, b in zip(source, quantized, strict=True):
-        ids_a = tokenizer(a.text or "", add_special_tokens=False)["input_ids"]
-        ids_b = tokenizer(b.text or "", add_special_tokens=False)["input_ids"]
-        longest = max(len(ids_a), len(ids_b))
-        shared = next(
-            (i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=False)) if x != y),
-            min(len(ids_a), len(ids_b)),
-        )
-        prefixes.append(shared / longest if longest else 1.0)
-        same += ids_a == ids_b
-    return {
-        "prefix_match": round(sum(prefixes) / len(prefixes), 3),
-        "identical": round(same / len(prefixes), 3),
-    }
-
-
-def _gates(config: QuantizeConfig, metric: str, results: dict[str, dict]) -> dict[str, Any]:
-    source, quantized = results["source"], results["quantized"]
-    if metric in ("accuracy", "exact_match") and source.get("metric"):
-        quality_by = metric
-        quality = 100 * (quantized["metric"] or 0) / source["metric"]
-    elif source.get("perplexity") and quantized.get("perplexity"):
-        quality_by = "perplexity"
-        quality = 100 * source["perplexity"] / quantized["perplexity"]
-    else:
-        quality_by, quality = "none", None
-
-    def ratio(a, b):
-        return None if a is None or not b else a / b
-
-    speedup = ratio(quantized["decode_tokens_per_s"], source["decode_tokens_per_s"])
-    memory = ratio(quantized["memory_mb"], source["memory_mb"])
-    size = ratio(quantized["size_mb"], source["size_mb"])
-    values = {
-        "quality_kept_pct": None if quality is None else round(quality, 1),
-        "speedup": None if speedup is None else round(speedup, 2),
-        "memory_saved_pct": None if memory is None else round(100 * (1 - memory), 1),
-        "size_ratio": None if size is None else round(size, 3),
-        "perplexity_ratio": ratio(quantized["perplexity"], source["perplexity"]),
-        "first_token_speedup": ratio(source["first_token_p50_s"], quantized["first_token_p50_s"]),
-    }
-    for key in ("perplexity_ratio", "first_token_speedup"):
-        values[key] = None if values[key] is None else round(values[key], 3)
-    checks = [
-        ("quality kept (%)", "quality_kept_pct", config.min_quality_pct),
-        ("decode speed-up (x)", "speedup", config.min_speedup),
-        ("memory saved (%)", "memory_saved_pct", config.min_memory_saved_pct),
-    ]
-    return {
-        "quality_by": quality_by,
-        **values,
-        "checks": [
-            {
-                "name": label,
-                "value": values[key],
-                "op": ">=",
-                "target": target,
-                "passed": values[key] is not None and values[key] >= target,
-            }
-            for label, key, target in checks
-        ],
-    }
+def proposal(config: QuantizeConfig, checks: list[dict[str, Any]]) -> QuantizeConfig | None:
+    """The config to try when the gate failed, if another recipe can help: for quality the
+    course's ladder (int4 -> int4 k_quant_mixed -> int8 -> fp16 on GPUs -> fp32), for memory
+    int4. Speed is the hardware's, and a parity failure is the source model's to fix."""
+    failed = {c["name"] for c in checks if not c["passed"]}
+    if CHECK_PARITY in failed:
+        return None
+    if CHECK_QUALITY in failed:
+        if config.precision == "int4" and config.algorithm != "k_quant_mixed":
+            return replace(config, algorithm="k_quant_mixed", block_size=min(32, config.block_size))
+        order = ("int4", "int8", "fp16", "fp32")
+        after = order[order.index(config.precision) + 1 :] if config.precision in order else ()
+        for precision in after:
+            if precision in SUPPORTED[config.execution_provider]:
+                return replace(config, precision=precision)
+        return None
+    if CHECK_MEMORY in failed and config.precision != "int4":
+        return replace(config, precision="int4")
+    return None
 
 
 def suggestion(config: QuantizeConfig, checks: list[dict[str, Any]]) -> str:
-    """What to try next when a gate fails (the course's ladder int4 -> int8 -> fp16/fp32)."""
-    failed = {c["name"].split(" (")[0] for c in checks if not c["passed"]}
-    if not failed:
-        return ""
+    """What to try next when a gate failed, in words."""
+    failed = {c["name"] for c in checks if not c["passed"]}
+    better = proposal(config, checks)
     tips = []
-    if "chat template and end of sequence" in failed:
+    if CHECK_PARITY in failed:
         tips.append(
             "the quantized model does not see the prompts the source sees or does not stop "
             "where it stops: check the chat template and eos_token_id of the source model"
         )
-    if "quality kept" in failed:
-        tips.append(f"for quality, try {_next_rung(config)}")
-    if "decode speed-up" in failed:
+    if CHECK_QUALITY in failed:
         tips.append(
-            "for speed, int4 is the fastest on a CPU (fp32 ONNX gains little over PyTorch); "
-            "accuracy level 4 computes int4 matmuls in int8"
+            f"for quality, try {better.recipe()}"
+            if better
+            else "the highest precision for this target already: check the source model itself"
+        )
+    if CHECK_SPEED in failed:
+        tips.append(
+            "for speed, int4 is the fastest on a CPU (fp32 ONNX gains little over PyTorch)"
             if config.precision != "int4"
             else "for speed, this CPU is the limit: a GPU target (cuda) is much faster"
         )
-    if "memory saved" in failed:
+    if CHECK_MEMORY in failed:
         tips.append("for memory, int4 stores weights in half a byte and int8 in one")
     return "; ".join(tips)
-
-
-def _next_rung(config: QuantizeConfig) -> str:
-    if config.precision == "int4" and config.algorithm != "k_quant_mixed":
-        return "int4 with the k_quant_mixed algorithm (sensitive layers in int8)"
-    if config.precision == "int4":
-        return "int8 (nearly lossless, about twice the size of int4)"
-    if config.precision == "int8" and "fp16" in SUPPORTED[config.execution_provider]:
-        return "fp16"
-    if config.precision != "fp32" and "fp32" in SUPPORTED[config.execution_provider]:
-        return "fp32"
-    return "a higher precision on a GPU target; or check the source model itself"
-
-
-def format_report(summary: dict[str, Any]) -> str:
-    gate = summary["gate"]
-
-    def fmt(value, spec="{:.3g}", unit=""):
-        return "n/a" if value is None else spec.format(value) + unit
-
-    lines = [
-        f"{summary['recipe']}: {gate['verdict'].upper()} on {gate['prompts']} (measured on "
-        f"{gate['measured_on']}). Quality kept {fmt(gate['quality_kept_pct'], '{:.1f}', '%')} "
-        f"(by {gate['quality_by']}), {fmt(gate['speedup'], '{:.2f}', 'x')} decode speed, "
-        f"{fmt(gate['memory_saved_pct'], '{:.0f}', '%')} less memory, "
-        f"{fmt(gate['size_ratio'], '{:.2f}', 'x')} the size on disk.",
-    ]
-    for check in gate["checks"]:
-        mark = "pass" if check["passed"] else "FAIL"
-        lines.append(f"  [{mark}] {check['name']}: {fmt(check['value'])} >= {check['target']}")
-    for role, result in gate["models"].items():
-        lines.append(f"  {role}: {_describe(result)}")
-    agreement, parity = gate["agreement"], gate["parity"]
-    lines.append(
-        f"  greedy answers: {agreement['prefix_match']:.0%} shared token prefix, "
-        f"{agreement['identical']:.0%} identical; both stop the same way on "
-        f"{parity['stop_parity']:.0%} of the prompts"
-        + (
-            f"; chat template {'same' if parity['chat_template'] else 'DIFFERENT'}, "
-            f"end-of-sequence ids {parity['eos_quantized']} (source {parity['eos_source']})"
-            if "chat_template" in parity
-            else ""
-        )
-    )
-    if gate["note"]:
-        lines.append(f"  note: {gate['note']}")
-    if gate["suggestion"]:
-        lines.append(f"  next: {gate['suggestion']}")
-    return "\n".join(lines)
-
-
-def _describe(result: dict[str, Any]) -> str:
-    def fmt(key, spec="{:.3g}", unit=""):
-        value = result.get(key)
-        return "n/a" if value is None else spec.format(value) + unit
-
-    return (
-        f"perplexity {fmt('perplexity')}, {fmt('decode_tokens_per_s')} tokens/s, first token "
-        f"{fmt('first_token_p50_s', unit=' s')}, {fmt('memory_mb', '{:.0f}', ' MB')} memory, "
-        f"{fmt('size_mb', '{:.0f}', ' MB')} on disk, stopped on its own {result['stopped']}x"
-    )
-
-
-def _flat(gate: dict[str, Any]) -> dict[str, float]:
-    values = {
-        k: float(v)
-        for k, v in gate.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
-    for role, result in gate["models"].items():
-        for key, value in result.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                values[f"{role}_{key}"] = float(value)
-    values.update({f"agreement_{k}": float(v) for k, v in gate["agreement"].items()})
-    values["stop_parity"] = float(gate["parity"]["stop_parity"])
-    return values
-
-
-def _mean(values: list[float]) -> float | None:
-    return round(sum(values) / len(values), 4) if values else None
 
 
 if __name__ == "__main__":

@@ -344,7 +344,8 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(settings: Settings, args: argparse.Namespace) -> int:
-    from pipelines.quantize import QuantizeConfig, format_report
+    from pipelines.gate import format_report
+    from pipelines.quantize import QuantizeConfig
 
     try:
         data = json.loads(Path(args.config).read_text()) if args.config else {}

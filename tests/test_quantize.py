@@ -8,6 +8,7 @@ import pytest
 
 from pipelines import quantize
 from pipelines.base import Log, StepError
+from pipelines.gate import format_report, quality_gate
 from pipelines.generation import LocalModel, Sampling, open_model
 from pipelines.onnx_model import ADAPTER_FILE, OnnxModel, eos_ids
 from pipelines.quantize import QuantizeConfig
@@ -82,7 +83,7 @@ def test_gate_report_has_every_figure(int4):
     assert any(
         isinstance(e, Log) and "quality gate on 4 built-in prompts" in e.message for e in events
     )
-    assert "Quality kept" in quantize.format_report(result.summary)
+    assert "Quality kept" in format_report(result.summary)
 
 
 def test_fp32_export_matches_the_source(bpe_lm, tmp_path, events):
@@ -105,10 +106,45 @@ def test_gate_catches_an_end_of_sequence_mismatch(int4, bpe_lm, tmp_path, events
     (broken / "genai_config.json").write_text(json.dumps(genai))
     assert eos_ids(broken) == [0]
     config = QuantizeConfig(model=str(bpe_lm), max_rows=2, max_new_tokens=4)
-    gate = quantize.quality_gate(config, bpe_lm, broken, events.append)
+    gate = quality_gate(config, bpe_lm, broken, events.append)
     assert not gate["parity"]["eos_match"] and not gate["parity"]["passed"]
     assert gate["verdict"] == "fail"
-    assert "chat template" in gate["suggestion"]
+    assert "chat template" in quantize.suggestion(config, gate["checks"])
+    assert quantize.proposal(config, gate["checks"]) is None  # the source's to fix, not a recipe
+
+
+def test_the_ladder_proposes_the_next_recipe():
+    def failing(*names):
+        return [
+            {"name": n, "passed": n not in names}
+            for n in (
+                quantize.CHECK_QUALITY,
+                quantize.CHECK_SPEED,
+                quantize.CHECK_MEMORY,
+                quantize.CHECK_PARITY,
+            )
+        ]
+
+    quality = failing(quantize.CHECK_QUALITY)
+    steps = [QuantizeConfig(algorithm="rtn", block_size=128)]
+    while (nxt := quantize.proposal(steps[-1], quality)) is not None:
+        steps.append(nxt)
+    assert [c.recipe() for c in steps] == [
+        "int4 cpu rtn block 128",
+        "int4 cpu k_quant_mixed block 32",
+        "int8 cpu block 32",
+        "fp32 cpu",
+    ]
+    cuda = QuantizeConfig(precision="int8", execution_provider="cuda")
+    assert quantize.proposal(cuda, quality).precision == "fp16"
+    assert (
+        quantize.proposal(
+            QuantizeConfig(precision="fp32"), failing(quantize.CHECK_MEMORY)
+        ).precision
+        == "int4"
+    )
+    assert quantize.proposal(QuantizeConfig(), failing(quantize.CHECK_SPEED)) is None
+    assert "int8 cpu block 32" in quantize.suggestion(QuantizeConfig(), quality)
 
 
 def make_adapter(base_dir, out, rank=4):

@@ -9,10 +9,10 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.quantize import SUPPORTED, QuantizeConfig
+from pipelines.quantize import SUPPORTED, QuantizeConfig, proposal
 from pipelines.tasks import PRESETS
 from studio import store
-from studio.jobs import JobRunner
+from studio.jobs import JobRunner, config_of
 from studio.ui import forms, runs_tab, views
 from studio.ui.distill_tab import answer_length
 from studio.ui.finetune_tab import dataset_choices, gpu_free_bytes, model_choices
@@ -98,6 +98,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     run_id = gr.State("")
     status = gr.HTML(elem_id="q-status")
     report = gr.Markdown(elem_id="q-report")
+    retry = gr.Button(visible=False, elem_id="q-retry")
     gr.Markdown("### Quantized models")
     made = gr.Markdown(quantized_md(home), elem_id="q-models")
 
@@ -128,11 +129,12 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         ],
         outputs=[run_id, status],
     )
+    retry.click(lambda r: retry_quantize(runner, r), inputs=[run_id], outputs=[run_id, status])
     timer = gr.Timer(2.0)
     timer.tick(
-        lambda r: (*runs_tab.run_status(home, r), quantized_md(home)),
+        lambda r: (*runs_tab.run_status(home, r), quantized_md(home), retry_button(home, r)),
         inputs=[run_id],
-        outputs=[status, report, made],
+        outputs=[status, report, made, retry],
     )
 
 
@@ -192,6 +194,37 @@ def submit_quantize(
         )
     run_id = runner.submit("quantize", config, name=config.recipe())
     return run_id, runs_tab.run_status(runner.home, run_id)[0]
+
+
+def _proposal(home: Path, run_id: str) -> QuantizeConfig | None:
+    """The next recipe for a finished quantize run whose gate failed (None otherwise)."""
+    if not run_id:
+        return None
+    with store.connect(home) as db:
+        row = store.get_run(db, run_id)
+    if row is None or row["step"] != "quantize" or row["status"] != "succeeded":
+        return None
+    gate = json.loads(row["summary_json"] or "{}").get("gate")
+    if not gate or gate["verdict"] == "pass":
+        return None
+    return proposal(config_of(row), gate["checks"])
+
+
+def retry_button(home: Path, run_id: str):
+    """'Quantize again as <next recipe>' when the gate failed and another recipe can help."""
+    better = _proposal(home, run_id)
+    if better is None:
+        return gr.update(visible=False)
+    return gr.update(visible=True, value=f"Quantize again as {better.recipe()}")
+
+
+def retry_quantize(runner: JobRunner, run_id: str) -> tuple[str, str]:
+    """Queue the proposed recipe of a run whose gate failed."""
+    better = _proposal(runner.home, run_id)
+    if better is None:
+        raise gr.Error("This run's gate passed, or no other recipe would help.")
+    new_id = runner.submit("quantize", better, name=better.recipe())
+    return new_id, runs_tab.run_status(runner.home, new_id)[0]
 
 
 def quantized_md(home: Path) -> str:

@@ -42,7 +42,8 @@ def test_quantize_from_the_form(home, bpe_lm):
         2,
         50,
         *settings(max_rows=2, max_new_tokens=4),
-    )  # fmt: skip  (no model keeps 101% of its quality: the gate fails)
+    )  # fmt: skip
+    # no model keeps 101% of its quality: the gate fails
     with store.connect(home) as db:
         row = store.get_run(db, run_id)
         (onnx,) = store.artifacts(db, run_id=run_id, kind="onnx")

@@ -191,7 +191,7 @@ def memory_probe(model: Any, prompt: list[dict[str, str]], sampling: Any) -> int
 
 
 def _probe_child() -> None:
-    import resource
+    import threading
 
     import psutil
 
@@ -199,25 +199,37 @@ def _probe_child() -> None:
     if args["onnx"]:  # an ONNX model is served without torch: its baseline has no torch either
         import onnxruntime_genai  # noqa: F401
 
-        from pipelines.onnx_model import OnnxModel
-
-        base = psutil.Process().memory_info().rss
-        model = OnnxModel(args["path"], on_cpu=args["on_cpu"], adapter=args["adapter"])
+        from pipelines.onnx_model import OnnxModel as Model
     else:
         import torch
         import transformers  # noqa: F401
 
-        from pipelines.generation import LocalModel
-
-        base = psutil.Process().memory_info().rss
-        model = LocalModel(args["path"])
+        from pipelines.generation import LocalModel as Model
     from pipelines.generation import Sampling
 
+    # the resident set sampled (ru_maxrss would keep the parent's peak from before the exec)
+    process, done = psutil.Process(), threading.Event()
+    base = process.memory_info().rss
+    peak = [base]
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    if args["onnx"]:
+        model = Model(args["path"], on_cpu=args["on_cpu"], adapter=args["adapter"])
+    else:
+        model = Model(args["path"])
     model.generate([args["prompt"]], Sampling(max_new_tokens=args["max_new_tokens"]))
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], process.memory_info().rss)
     if not args["onnx"] and torch.cuda.is_available():
         print(torch.cuda.max_memory_allocated())
     else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+        print(peak[0] - base)
 
 
 def _parity(config, tokenizer, source, out, prompts, replies, adapter_file) -> dict[str, Any]:

@@ -125,6 +125,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="")
     p.add_argument("--detach", action="store_true", help="queue and return at once")
     p.set_defaults(func=cmd_quantize)
+    p = sub.add_parser("serve", help="serve ONNX models with an OpenAI-compatible API")
+    p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="ONNX folders (or NAME=DIR)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require this key (Bearer); default: $STUDIO_RUNTIME_API_KEY, else none",
+    )
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser(
         "distill", help="teacher answers -> student training -> student-vs-teacher report"
     )
@@ -373,6 +383,21 @@ def cmd_quantize(settings: Settings, args: argparse.Namespace) -> int:
         if args.output:
             _copy_outputs(settings, run_id, Path(args.output), kinds=("onnx", "model"))
     return code
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+
+    from studio import runtime
+
+    key = args.api_key if args.api_key is not None else os.environ.get(runtime.API_KEY_ENV, "")
+    try:
+        runtime.model_names(args.models)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    runtime.serve(args.models, host=args.host, port=args.port, api_key=key)
+    return 0
 
 
 def cmd_distill(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,0 +1,465 @@
+"""The local runtime: ONNX Runtime GenAI models behind an OpenAI-compatible HTTP API
+(GET /v1/models, POST /v1/chat/completions with streaming, GET /health). Concurrent requests are
+batched by onnxruntime-genai's Engine (continuous batching: a new request joins at the next step
+instead of waiting for the others to finish). No torch. Run as: slmops serve MODEL_DIR ..."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+API_KEY_ENV = "STUDIO_RUNTIME_API_KEY"  # the key, so that it never shows in `ps`
+ROLES = ("system", "user", "assistant")
+
+
+class RequestError(Exception):
+    """A bad request: answered with an OpenAI-style error body and a 4xx status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str = ""):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+    def body(self) -> dict[str, Any]:
+        kind = {401: "authentication_error", 404: "invalid_request_error"}.get(
+            self.status, "invalid_request_error"
+        )
+        return {
+            "error": {
+                "message": str(self),
+                "type": kind,
+                "param": self.param,
+                "code": self.code or None,
+            }
+        }
+
+
+@dataclass
+class Chat:
+    """One validated /v1/chat/completions request."""
+
+    model: str
+    messages: list[dict[str, str]]
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+
+    @classmethod
+    def parse(cls, body: Any, models: dict[str, ServedModel]) -> Chat:
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise RequestError(400, "'model' is required: one of " + ", ".join(models), "model")
+        if model not in models:
+            raise RequestError(
+                404,
+                f"the model '{model}' is not served here; available: {', '.join(models)}",
+                "model",
+                "model_not_found",
+            )
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError(400, "'messages' must be a non-empty list", "messages")
+        clean = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                raise RequestError(
+                    400, f"messages[{i}] needs a role among {', '.join(ROLES)}", "messages"
+                )
+            content = message.get("content")
+            if isinstance(content, list):  # [{"type": "text", "text": ...}] parts
+                if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                    raise RequestError(400, f"messages[{i}]: only text content", "messages")
+                content = "".join(str(p.get("text", "")) for p in content)
+            if not isinstance(content, str):
+                raise RequestError(400, f"messages[{i}].content must be a string", "messages")
+            clean.append({"role": message["role"], "content": content})
+        chat = cls(model=model, messages=clean, stream=_bool(body, "stream"))
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        if limit is not None:
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                raise RequestError(400, "'max_tokens' must be a positive integer", "max_tokens")
+            chat.max_tokens = limit
+        chat.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        chat.top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+        if chat.top_p == 0:
+            raise RequestError(400, "'top_p' must be greater than 0", "top_p")
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and (
+            not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
+        ):
+            raise RequestError(400, "'stop' must be a string or a list of strings", "stop")
+        chat.stop = (stop or [])[:4]
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise RequestError(400, "'seed' must be an integer", "seed")
+        chat.seed = seed
+        options = body.get("stream_options") or {}
+        chat.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        if body.get("n", 1) != 1:
+            raise RequestError(400, "only n=1 is supported", "n")
+        return chat
+
+
+def _bool(body: dict, key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise RequestError(400, f"'{key}' must be true or false", key)
+    return value
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise RequestError(400, f"'{key}' must be a number from {low:g} to {high:g}", key)
+    return float(value)
+
+
+class ServedModel:
+    """One ONNX Runtime GenAI folder and the thread that steps its Engine: requests are handed
+    to that thread, which starts them, runs batched steps and passes each token back."""
+
+    def __init__(self, name: str, path: str | Path):
+        import onnxruntime_genai as og
+
+        self.name, self.path = name, str(path)
+        self.created = int(time.time())
+        self.model = og.Model(self.path)
+        self.tokenizer = og.Tokenizer(self.model)
+        self.engine = None  # made and used by the engine thread only (onnxruntime-genai's rule)
+        self.error = ""
+        genai = json.loads((Path(path) / "genai_config.json").read_text())
+        self.context_length = int(genai["model"].get("context_length") or 2048)
+        self._inbox: queue.Queue = queue.Queue()
+        self._stopped = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name=f"engine-{name}", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self.error:
+            raise RuntimeError(f"{name}: {self.error}")
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> Any:
+        import numpy as np
+
+        text = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        return np.asarray(self.tokenizer.encode(text), dtype=np.int32)
+
+    def submit(self, chat: Chat, sink: Callable[[tuple], None]) -> Callable[[], None]:
+        """Start a chat; `sink` gets ("token", text), then ("done", finish, usage) or
+        ("error", message). Returns a function that cancels the chat."""
+        ids = self.prompt_ids(chat.messages)
+        room = self.context_length - len(ids)
+        if room < 1:
+            raise RequestError(
+                400,
+                f"the prompt has {len(ids)} tokens; this model's context is "
+                f"{self.context_length}: shorten the messages",
+                "messages",
+                "context_length_exceeded",
+            )
+        if self.error:
+            raise RuntimeError(f"the model {self.name} stopped: {self.error}")
+        ticket = {"cancel": False}
+        self._inbox.put((ids, chat, min(chat.max_tokens or room, room), sink, ticket))
+        return lambda: ticket.update(cancel=True)
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._inbox.put(None)
+        self._thread.join(10)
+
+    def _pump(self) -> None:
+        import onnxruntime_genai as og
+
+        live: dict[int, dict[str, Any]] = {}
+        try:
+            self.engine = og.Engine(self.model)
+            self.batch_size = self.engine.get_capabilities().configured_max_batch_size
+            self._ready.set()
+            self._steps(og, live)
+        except Exception as e:  # the engine broke: fail what waits, refuse what comes
+            self.error = f"{type(e).__name__}: {e}"
+            self._ready.set()
+            for entry in live.values():
+                entry["sink"](("error", self.error))
+            while not self._inbox.empty():
+                item = self._inbox.get_nowait()
+                if item is not None:
+                    item[3](("error", self.error))
+
+    def _steps(self, og, live: dict[int, dict[str, Any]]) -> None:
+        buffer = self.engine.create_event_buffer(256)
+        while not self._stopped.is_set():
+            items = [] if self.engine.has_pending_requests() else [self._inbox.get()]  # wait
+            while True:
+                try:
+                    items.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for item in items:
+                if item is None:
+                    continue
+                ids, chat, limit, sink, ticket = item
+                try:
+                    entry = self._start(og, ids, chat, limit, sink, ticket)
+                except Exception as e:  # a request the engine refuses
+                    sink(("error", f"the engine could not start the request: {e}"))
+                    continue
+                live[id(entry["request"])] = entry
+            for entry in list(live.values()):
+                if entry["ticket"]["cancel"] and not entry["canceled"]:
+                    entry["canceled"] = True
+                    entry["request"].cancel_turn(entry["turn"])
+            if not self.engine.has_pending_requests():
+                continue
+            self.engine.run(buffer)
+            for i in range(len(buffer)):
+                event = buffer[i]
+                entry = live.get(id(event.request))
+                if entry is None:
+                    continue
+                flags = event.flags
+                if flags & og.EngineEventFlags.TOKEN:
+                    entry["tokens"] += 1
+                    piece = entry["stream"].decode(event.token)
+                    if event.token not in entry["eos"] and piece:
+                        entry["sink"](("token", piece))
+                if flags & (og.EngineEventFlags.TURN_FINISHED | og.EngineEventFlags.FAILED):
+                    del live[id(event.request)]
+                    entry["request"].close()
+                    if flags & og.EngineEventFlags.FAILED:
+                        entry["sink"](("error", f"generation failed ({event.error_code.name})"))
+                        continue
+                    reason = event.finish_reason
+                    finish = "length" if reason == og.FinishReason.MAX_GENERATED_TOKENS else "stop"
+                    usage = {
+                        "prompt_tokens": entry["prompt_tokens"],
+                        "completion_tokens": entry["tokens"],
+                        "total_tokens": entry["prompt_tokens"] + entry["tokens"],
+                    }
+                    entry["sink"](("done", finish, usage))
+
+    def _start(self, og, ids, chat: Chat, limit: int, sink, ticket) -> dict[str, Any]:
+        request = self.engine.create_request()
+        options = og.TurnOptions(request)
+        options.set_max_generated_tokens(limit)
+        options.set_do_sample(chat.temperature > 0)
+        if chat.temperature > 0:
+            options.set_temperature(chat.temperature)
+            options.set_top_p(chat.top_p)
+        # `seed` is accepted but best effort, as in the OpenAI API: onnxruntime-genai takes a
+        # per-turn seed only in an Engine built for dynamic batching (paged attention, CUDA)
+        if chat.stop:
+            options.set_stop_strings(chat.stop)
+        turn = request.begin_turn(ids, options)
+        eos = json.loads((Path(self.path) / "genai_config.json").read_text())["model"]
+        eos_ids = eos.get("eos_token_id")
+        return {
+            "request": request,
+            "turn": turn,
+            "sink": sink,
+            "ticket": ticket,
+            "canceled": False,
+            "stream": self.tokenizer.create_stream(),
+            "tokens": 0,
+            "prompt_tokens": len(ids),
+            "eos": set(eos_ids if isinstance(eos_ids, list) else [eos_ids]),
+        }
+
+
+def build_app(models: dict[str, ServedModel], api_key: str = "") -> Any:
+    """The FastAPI app serving `models` (name -> ServedModel), with an optional API key."""
+    app = FastAPI(title="SLMOps Studio runtime", docs_url=None, redoc_url=None)
+
+    def error(e: RequestError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    def check_key(request: Request) -> None:
+        if not api_key:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise RequestError(401, "invalid or missing API key (Authorization: Bearer ...)")
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, e: RequestError) -> JSONResponse:
+        return error(e)
+
+    @app.exception_handler(404)
+    async def on_not_found(request: Request, e: Exception) -> JSONResponse:
+        return error(RequestError(404, f"no route {request.method} {request.url.path}"))
+
+    @app.exception_handler(405)
+    async def on_bad_method(request: Request, e: Exception) -> JSONResponse:
+        return error(RequestError(405, f"{request.method} is not allowed on {request.url.path}"))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": list(models)}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        check_key(request)
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": m.created, "owned_by": "slmops"}
+                for name, m in models.items()
+            ],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        check_key(request)
+        try:
+            body = json.loads(await request.body() or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError(400, "the request body is not valid JSON") from None
+        chat = Chat.parse(body, models)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        cancel = models[chat.model].submit(
+            chat, lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        )
+        reply_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if chat.stream:
+            return StreamingResponse(
+                _sse(chat, events, cancel, reply_id, created), media_type="text/event-stream"
+            )
+        text, finish, usage = [], "stop", {}
+        try:
+            while True:
+                event = await events.get()
+                if event[0] == "token":
+                    text.append(event[1])
+                elif event[0] == "done":
+                    finish, usage = event[1], event[2]
+                    break
+                else:
+                    return JSONResponse(
+                        {"error": {"message": event[1], "type": "server_error"}}, status_code=500
+                    )
+        except asyncio.CancelledError:
+            cancel()
+            raise
+        return {
+            "id": reply_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": chat.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(text)},
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": usage,
+        }
+
+    return app
+
+
+async def _sse(
+    chat: Chat, events: asyncio.Queue, cancel, reply_id: str, created: int
+) -> AsyncIterator[str]:
+    """Server-sent chat.completion.chunk events, as the OpenAI API streams them."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        body = {
+            "id": reply_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": chat.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    finished = False
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            event = await events.get()
+            if event[0] == "token":
+                yield chunk({"content": event[1]})
+            elif event[0] == "done":
+                finished = True
+                yield chunk({}, event[1])
+                if chat.include_usage:
+                    body = {
+                        "id": reply_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": chat.model,
+                        "choices": [],
+                        "usage": event[2],
+                    }
+                    yield f"data: {json.dumps(body)}\n\n"
+                break
+            else:
+                finished = True
+                yield f"data: {json.dumps({'error': {'message': event[1]}})}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:  # the client went away: stop generating for it
+            cancel()
+
+
+def model_names(paths: list[str]) -> dict[str, str]:
+    """NAME=DIR or DIR (named after the folder, or its run for runs/<id>/out/onnx)."""
+    named = {}
+    for item in paths:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        folder = Path(path).expanduser().resolve()
+        if not (folder / "genai_config.json").is_file():
+            raise ValueError(
+                f"{path} is not an ONNX Runtime GenAI folder (no genai_config.json): quantize "
+                "the model first (Quantize tab or slmops quantize)"
+            )
+        if not name:
+            parts = folder.parts
+            name = parts[-3] if len(parts) > 3 and parts[-2] == "out" else folder.name
+        if name in named:
+            raise ValueError(f"two models are named '{name}': use NAME=DIR")
+        named[name] = str(folder)
+    return named
+
+
+def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str = "") -> None:
+    """Load the models and serve them until interrupted."""
+    import uvicorn
+
+    models = {name: ServedModel(name, path) for name, path in model_names(paths).items()}
+    print(
+        f"serving {', '.join(models)} at http://{host}:{port}/v1"
+        + (" (API key required)" if api_key else ""),
+        flush=True,
+    )
+    try:
+        uvicorn.run(build_app(models, api_key), host=host, port=port, log_level="warning")
+    finally:
+        for model in models.values():
+            model.close()

@@ -1,0 +1,162 @@
+"""The local runtime through `slmops serve` on a tiny int4 model, driven by the official `openai`
+client: models, completions, streaming, concurrent clients, an API key, and 4xx for bad input."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pipelines import quantize
+from studio import runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-runtime-test"
+HELLO = [{"role": "user", "content": "hello world"}]
+
+
+@pytest.fixture(scope="module")
+def server(bpe_lm, tmp_path_factory):
+    """`slmops serve` on the tiny model in int4, with an API key from the environment."""
+    workdir = tmp_path_factory.mktemp("served")
+    config = quantize.QuantizeConfig(model=str(bpe_lm), gate=False)
+    quantize.run(config, workdir, lambda event: None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, runtime.API_KEY_ENV: KEY}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "studio.cli",
+            "serve",
+            f"tiny={workdir / 'onnx'}",
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("slmops serve did not start: " + proc.stdout.read())
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def client(url, key=KEY):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+def test_openai_client_lists_completes_and_streams(server):
+    api = client(server)
+    assert [m.id for m in api.models.list()] == ["tiny"]
+    reply = api.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0)
+    choice = reply.choices[0]
+    assert isinstance(choice.message.content, str) and choice.finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 8 and reply.usage.prompt_tokens > 0
+    pieces, finish = [], None
+    for chunk in api.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=8, temperature=0, stream=True
+    ):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) == choice.message.content  # greedy: the same answer either way
+    assert finish == choice.finish_reason
+
+
+def test_concurrent_clients_all_get_answers(server):
+    api = client(server)
+
+    def ask(i):
+        return api.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": f"hello {i}"}],
+            max_tokens=12,
+            temperature=0.7,
+            seed=i,
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(ask, range(8)))
+    assert all(r.choices[0].finish_reason in ("stop", "length") for r in replies)
+    assert all(r.usage.completion_tokens >= 1 for r in replies)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"messages": HELLO}, 400, "model"),
+        ({"model": "nope", "messages": HELLO}, 404, "model"),
+        ({"model": "tiny"}, 400, "messages"),
+        ({"model": "tiny", "messages": "hi"}, 400, "messages"),
+        ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": 3}]}, 400, "messages"),
+        ({"model": "tiny", "messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "tiny", "messages": HELLO, "max_tokens": "8"}, 400, "max_tokens"),
+        ({"model": "tiny", "messages": HELLO, "temperature": 5}, 400, "temperature"),
+        ({"model": "tiny", "messages": HELLO, "top_p": 0}, 400, "top_p"),
+        ({"model": "tiny", "messages": HELLO, "stop": [3]}, 400, "stop"),
+        ({"model": "tiny", "messages": HELLO, "stream": "yes"}, 400, "stream"),
+        ({"model": "tiny", "messages": HELLO, "n": 2}, 400, "n"),
+        ([1, 2], 400, None),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_an_openai_error_body(server, body, status, param):
+    reply = httpx.post(
+        f"{server}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=10,
+    )
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["message"] and error["param"] == param
+
+
+def test_broken_json_a_wrong_key_and_unknown_routes(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    broken = httpx.post(
+        f"{server}/v1/chat/completions", content=b"{not json", headers=auth, timeout=10
+    )
+    assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
+    from openai import AuthenticationError
+
+    with pytest.raises(AuthenticationError):
+        client(server, key="sk-wrong").models.list()
+    assert httpx.get(f"{server}/v1/nothing", headers=auth, timeout=10).status_code == 404
+    assert httpx.get(f"{server}/v1/chat/completions", headers=auth, timeout=10).status_code == 405
+    assert httpx.get(f"{server}/health", timeout=10).json() == {"status": "ok", "models": ["tiny"]}
+
+
+def test_only_onnx_folders_are_served(tmp_path, bpe_lm):
+    with pytest.raises(ValueError, match="not an ONNX Runtime GenAI folder"):
+        runtime.model_names([str(bpe_lm)])
+    run = subprocess.run(
+        [sys.executable, "-m", "studio.cli", "serve", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and "quantize the model first" in run.stderr

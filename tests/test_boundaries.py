@@ -14,9 +14,20 @@ PIPELINE_MODULES = [
     "pipelines",
     "pipelines.base",
     "pipelines.models",
+    "pipelines.generation",
+    "pipelines.onnx_model",
+    "pipelines.gate",
     *[f"pipelines.{s}" for s in STEPS],
 ]
-WEB_MODULES = ["app", "studio.ui.app", "studio.store", "studio.jobs", "studio.cli", "studio.worker"]
+WEB_MODULES = [
+    "app",
+    "studio.ui.app",
+    "studio.store",
+    "studio.jobs",
+    "studio.cli",
+    "studio.worker",
+    "studio.runtime",  # onnxruntime-genai only once a model is served, and never torch
+]
 HEAVY = ["torch", "transformers", "peft", "trl", "datasets", "onnxruntime_genai", "bitsandbytes"]
 
 

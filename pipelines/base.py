@@ -68,6 +68,11 @@ CHECKPOINT_DIR = (
 )
 
 
+def fmt(value: float | None, spec: str = "{:.3g}", unit: str = "") -> str:
+    """A figure for a report line: formatted, or n/a when it was not measured."""
+    return "n/a" if value is None else spec.format(value) + unit
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     return asdict(config)
 

@@ -13,7 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipelines.base import Log, Metrics, Progress, Reporter, StepError, StepResult, main, option
+from pipelines.base import (
+    Log,
+    Metrics,
+    Progress,
+    Reporter,
+    StepError,
+    StepResult,
+    fmt,
+    main,
+    option,
+)
 from pipelines.generation import Reply, TeacherFields, memory_sampler, open_model
 from pipelines.tasks import Task, TaskFields, dataset_labels
 
@@ -230,17 +240,13 @@ def format_report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _describe(result: dict[str, Any], metric: str) -> str:
-
-    def fmt(key: str, spec: str = "{:.3g}", unit: str = "") -> str:
-        value = result.get(key)
-        return "n/a" if value is None else spec.format(value) + unit
-
+def _describe(r: dict[str, Any], metric: str) -> str:
     return (
-        f"{metric} {fmt('metric')}, agreement {fmt('agreement')}, perplexity "
-        f"{fmt('perplexity')}, latency p50 {fmt('latency_p50_s', unit=' s')} / p95 "
-        f"{fmt('latency_p95_s', unit=' s')}, {fmt('tokens_per_s')} tokens/s, peak memory "
-        f"{fmt('peak_memory_mb', '{:.0f}', ' MB')}, {fmt('size_mb', '{:.0f}', ' MB')} on disk"
+        f"{metric} {fmt(r.get('metric'))}, agreement {fmt(r.get('agreement'))}, perplexity "
+        f"{fmt(r.get('perplexity'))}, latency p50 {fmt(r.get('latency_p50_s'), unit=' s')} / "
+        f"p95 {fmt(r.get('latency_p95_s'), unit=' s')}, {fmt(r.get('tokens_per_s'))} tokens/s, "
+        f"peak memory {fmt(r.get('peak_memory_mb'), '{:.0f}', ' MB')}, "
+        f"{fmt(r.get('size_mb'), '{:.0f}', ' MB')} on disk"
     )
 
 

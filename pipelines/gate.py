@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.base import Log, Progress, Reporter, StepError
+from pipelines.base import Log, Progress, Reporter, StepError, fmt
 from pipelines.quantize import CHECK_MEMORY, CHECK_PARITY, CHECK_QUALITY, CHECK_SPEED
 
 if TYPE_CHECKING:
@@ -349,9 +349,6 @@ def _gates(config: QuantizeConfig, metric: str, results: dict[str, dict]) -> dic
 def format_report(summary: dict[str, Any]) -> str:
     gate = summary["gate"]
 
-    def fmt(value, spec="{:.3g}", unit=""):
-        return "n/a" if value is None else spec.format(value) + unit
-
     lines = [
         f"{summary['recipe']}: {gate['verdict'].upper()} on {gate['prompts']} (measured on "
         f"{gate['measured_on']}). Quality kept {fmt(gate['quality_kept_pct'], '{:.1f}', '%')} "
@@ -383,15 +380,12 @@ def format_report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _describe(result: dict[str, Any]) -> str:
-    def fmt(key, spec="{:.3g}", unit=""):
-        value = result.get(key)
-        return "n/a" if value is None else spec.format(value) + unit
-
+def _describe(r: dict[str, Any]) -> str:
     return (
-        f"perplexity {fmt('perplexity')}, {fmt('decode_tokens_per_s')} tokens/s, first token "
-        f"{fmt('first_token_p50_s', unit=' s')}, {fmt('memory_mb', '{:.0f}', ' MB')} memory, "
-        f"{fmt('size_mb', '{:.0f}', ' MB')} on disk, stopped on its own {result['stopped']}x"
+        f"perplexity {fmt(r['perplexity'])}, {fmt(r['decode_tokens_per_s'])} tokens/s, first "
+        f"token {fmt(r['first_token_p50_s'], unit=' s')}, {fmt(r['memory_mb'], '{:.0f}', ' MB')} "
+        f"memory, {fmt(r['size_mb'], '{:.0f}', ' MB')} on disk, stopped on its own "
+        f"{r['stopped']}x"
     )
 
 

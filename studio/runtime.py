@@ -1,7 +1,7 @@
 """The local runtime: ONNX Runtime GenAI models behind an OpenAI-compatible HTTP API
-(GET /v1/models, POST /v1/chat/completions with streaming, GET /health). Concurrent requests are
-batched by onnxruntime-genai's Engine (continuous batching: a new request joins at the next step
-instead of waiting for the others to finish). No torch. Run as: slmops serve MODEL_DIR ..."""
+(GET /v1/models, POST /v1/chat/completions with streaming, GET /health). Concurrent chats take
+turns token by token, so a new request starts at once instead of waiting for the others to
+finish. No torch. Run as: slmops serve MODEL_DIR ..."""
 
 from __future__ import annotations
 
@@ -136,8 +136,9 @@ def _number(body: dict, key: str, default: float, low: float, high: float) -> fl
 
 
 class ServedModel:
-    """One ONNX Runtime GenAI folder and the thread that steps its Engine: requests are handed
-    to that thread, which starts them, runs batched steps and passes each token back."""
+    """One ONNX Runtime GenAI folder and the thread that generates for it: requests are handed to
+    that thread, which starts each (its prompt in one pass), then gives every live chat one
+    token per round and passes the text back."""
 
     def __init__(self, name: str, path: str | Path):
         import onnxruntime_genai as og
@@ -146,14 +147,15 @@ class ServedModel:
         self.created = int(time.time())
         self.model = og.Model(self.path)
         self.tokenizer = og.Tokenizer(self.model)
-        self.engine = None  # made and used by the engine thread only (onnxruntime-genai's rule)
         self.error = ""
-        genai = json.loads((Path(path) / "genai_config.json").read_text())
-        self.context_length = int(genai["model"].get("context_length") or 2048)
+        genai = json.loads((Path(path) / "genai_config.json").read_text())["model"]
+        self.context_length = int(genai.get("context_length") or 2048)
+        eos = genai.get("eos_token_id")
+        self.eos = set(eos if isinstance(eos, list) else [eos])
         self._inbox: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
         self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._pump, name=f"engine-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._pump, name=f"model-{name}", daemon=True)
         self._thread.start()
         self._ready.wait()
         if self.error:
@@ -190,102 +192,108 @@ class ServedModel:
         self._thread.join(10)
 
     def _pump(self) -> None:
-        import onnxruntime_genai as og
-
-        live: dict[int, dict[str, Any]] = {}
+        live: list[dict[str, Any]] = []
         try:
-            self.engine = og.Engine(self.model)
-            self.batch_size = self.engine.get_capabilities().configured_max_batch_size
             self._ready.set()
-            self._steps(og, live)
-        except Exception as e:  # the engine broke: fail what waits, refuse what comes
+            self._steps(live)
+        except Exception as e:  # the runtime broke: fail what waits, refuse what comes
             self.error = f"{type(e).__name__}: {e}"
-            self._ready.set()
-            for entry in live.values():
+            for entry in live:
                 entry["sink"](("error", self.error))
             while not self._inbox.empty():
                 item = self._inbox.get_nowait()
                 if item is not None:
                     item[3](("error", self.error))
 
-    def _steps(self, og, live: dict[int, dict[str, Any]]) -> None:
-        buffer = self.engine.create_event_buffer(256)
+    def _steps(self, live: list[dict[str, Any]]) -> None:
+        """Interleave the live chats one token each, starting one new chat (its prompt) between
+        rounds: a new request waits for the prompts ahead of it and a round of single-token
+        steps, never for the other answers to end."""
+        waiting: list[tuple] = []
         while not self._stopped.is_set():
-            items = [] if self.engine.has_pending_requests() else [self._inbox.get()]  # wait
+            if not live and not waiting:
+                waiting.append(self._inbox.get())  # idle: wait for work
             while True:
                 try:
-                    items.append(self._inbox.get_nowait())
+                    waiting.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            for item in items:
-                if item is None:
-                    continue
-                ids, chat, limit, sink, ticket = item
+            waiting = [item for item in waiting if item is not None]
+            if waiting:  # one prompt per round, so the live chats keep streaming between them
+                item = waiting.pop(0)
                 try:
-                    entry = self._start(og, ids, chat, limit, sink, ticket)
-                except Exception as e:  # a request the engine refuses
-                    sink(("error", f"the engine could not start the request: {e}"))
+                    live.append(self._start(*item))
+                except Exception as e:  # a request the runtime refuses
+                    item[3](("error", f"the request could not start: {e}"))
+            for entry in list(live):
+                finish = self._step(entry)
+                if finish is None:
                     continue
-                live[id(entry["request"])] = entry
-            for entry in list(live.values()):
-                if entry["ticket"]["cancel"] and not entry["canceled"]:
-                    entry["canceled"] = True
-                    entry["request"].cancel_turn(entry["turn"])
-            if not self.engine.has_pending_requests():
-                continue
-            self.engine.run(buffer)
-            for i in range(len(buffer)):
-                event = buffer[i]
-                entry = live.get(id(event.request))
-                if entry is None:
-                    continue
-                flags = event.flags
-                if flags & og.EngineEventFlags.TOKEN:
-                    entry["tokens"] += 1
-                    piece = entry["stream"].decode(event.token)
-                    if event.token not in entry["eos"] and piece:
-                        entry["sink"](("token", piece))
-                if flags & (og.EngineEventFlags.TURN_FINISHED | og.EngineEventFlags.FAILED):
-                    del live[id(event.request)]
-                    entry["request"].close()
-                    if flags & og.EngineEventFlags.FAILED:
-                        entry["sink"](("error", f"generation failed ({event.error_code.name})"))
-                        continue
-                    reason = event.finish_reason
-                    finish = "length" if reason == og.FinishReason.MAX_GENERATED_TOKENS else "stop"
-                    usage = {
-                        "prompt_tokens": entry["prompt_tokens"],
-                        "completion_tokens": entry["tokens"],
-                        "total_tokens": entry["prompt_tokens"] + entry["tokens"],
-                    }
-                    entry["sink"](("done", finish, usage))
+                live.remove(entry)
+                entry["generator"] = None
+                usage = {
+                    "prompt_tokens": entry["prompt_tokens"],
+                    "completion_tokens": entry["tokens"],
+                    "total_tokens": entry["prompt_tokens"] + entry["tokens"],
+                }
+                entry["sink"](("done", finish, usage))
 
-    def _start(self, og, ids, chat: Chat, limit: int, sink, ticket) -> dict[str, Any]:
-        request = self.engine.create_request()
-        options = og.TurnOptions(request)
-        options.set_max_generated_tokens(limit)
-        options.set_do_sample(chat.temperature > 0)
+    def _step(self, entry: dict[str, Any]) -> str | None:
+        """One token for one chat; its finish reason when it ended, else None."""
+        if entry["ticket"]["cancel"]:
+            return "cancel"
+        generator = entry["generator"]
+        generator.generate_next_token()
+        token = int(generator.get_next_tokens()[0])
+        entry["tokens"] += 1
+        if token not in self.eos:
+            entry["text"] += entry["stream"].decode(token)
+        cut = _stop_at(entry["text"], entry["stops"])
+        ended = cut is not None or token in self.eos or generator.is_done()
+        # text that may be the start of a stop string waits until it is known not to be
+        upto = cut if cut is not None else len(entry["text"]) - (0 if ended else entry["hold"])
+        if upto > entry["sent"]:
+            entry["sink"](("token", entry["text"][entry["sent"] : upto]))
+            entry["sent"] = upto
+        if not ended:
+            return None
+        if cut is None and token not in self.eos and entry["tokens"] >= entry["limit"]:
+            return "length"
+        return "stop"
+
+    def _start(self, ids, chat: Chat, limit: int, sink, ticket) -> dict[str, Any]:
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(self.model)
+        options: dict[str, Any] = {"max_length": len(ids) + limit}
         if chat.temperature > 0:
-            options.set_temperature(chat.temperature)
-            options.set_top_p(chat.top_p)
-        # `seed` is accepted but best effort, as in the OpenAI API: onnxruntime-genai takes a
-        # per-turn seed only in an Engine built for dynamic batching (paged attention, CUDA)
-        if chat.stop:
-            options.set_stop_strings(chat.stop)
-        turn = request.begin_turn(ids, options)
-        eos = json.loads((Path(self.path) / "genai_config.json").read_text())["model"]
-        eos_ids = eos.get("eos_token_id")
+            options.update(do_sample=True, temperature=chat.temperature, top_p=chat.top_p)
+            if chat.seed is not None:
+                options["random_seed"] = chat.seed
+        else:
+            options["do_sample"] = False
+        params.set_search_options(**options)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(ids)  # the prompt (prefill)
         return {
-            "request": request,
-            "turn": turn,
+            "generator": generator,
             "sink": sink,
             "ticket": ticket,
-            "canceled": False,
             "stream": self.tokenizer.create_stream(),
+            "text": "",
+            "sent": 0,
+            "stops": chat.stop,
+            "hold": max((len(s) - 1 for s in chat.stop), default=0),  # a stop may be half out
             "tokens": 0,
+            "limit": limit,
             "prompt_tokens": len(ids),
-            "eos": set(eos_ids if isinstance(eos_ids, list) else [eos_ids]),
         }
+
+
+def _stop_at(text: str, stops: list[str]) -> int | None:
+    """Where the first stop string starts in the text, if one is there."""
+    found = [text.find(s) for s in stops if s in text]
+    return min(found) if found else None
 
 
 def build_app(models: dict[str, ServedModel], api_key: str = "") -> Any:

@@ -160,3 +160,16 @@ def test_only_onnx_folders_are_served(tmp_path, bpe_lm):
         text=True,
     )
     assert run.returncode == 2 and "quantize the model first" in run.stderr
+
+
+def test_stop_strings_cut_the_answer_where_the_source_would(server):
+    api = client(server)
+    full = api.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0)
+    text = full.choices[0].message.content
+    assert len(text) >= 3, text
+    stop = text[1:3]
+    cut = api.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=12, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].message.content == text[: text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"

@@ -467,7 +467,13 @@ def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: 
         flush=True,
     )
     try:
-        uvicorn.run(build_app(models, api_key), host=host, port=port, log_level="warning")
+        uvicorn.run(
+            build_app(models, api_key),
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=5,  # SIGTERM ends it even with a client still connected
+        )
     finally:
         for model in models.values():
             model.close()

@@ -1,7 +1,7 @@
 """The local runtime: ONNX Runtime GenAI models behind an OpenAI-compatible HTTP API
 (GET /v1/models, POST /v1/chat/completions with streaming, GET /health). Concurrent chats take
-turns token by token, so a new request starts at once instead of waiting for the others to
-finish. No torch. Run as: slmops serve MODEL_DIR ..."""
+turns token by token, so a new request waits for the prompts ahead of it, not for the other
+answers to finish. No torch. Run as: slmops serve MODEL_DIR ..."""
 
 from __future__ import annotations
 

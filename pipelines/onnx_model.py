@@ -25,12 +25,6 @@ def eos_ids(folder: str | Path) -> list[int]:
     return sorted(value if isinstance(value, list) else [value] if value is not None else [])
 
 
-def providers(folder: str | Path) -> list[str]:
-    """The execution providers the folder was built for ([] is the CPU)."""
-    options = json.loads((Path(folder) / GENAI_CONFIG).read_text())["model"]["decoder"]
-    return [next(iter(p)) for p in options.get("session_options", {}).get("provider_options", [])]
-
-
 class OnnxModel:
     """Greedy or sampled answers from an ONNX Runtime GenAI model, one chat at a time."""
 

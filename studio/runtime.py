@@ -20,6 +20,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from pipelines.onnx_model import GENAI_CONFIG, eos_ids, is_onnx_folder
+
 API_KEY_ENV = "STUDIO_RUNTIME_API_KEY"  # the key, so that it never shows in `ps`
 ROLES = ("system", "user", "assistant")
 
@@ -148,10 +150,9 @@ class ServedModel:
         self.model = og.Model(self.path)
         self.tokenizer = og.Tokenizer(self.model)
         self.error = ""
-        genai = json.loads((Path(path) / "genai_config.json").read_text())["model"]
+        genai = json.loads((Path(path) / GENAI_CONFIG).read_text())["model"]
         self.context_length = int(genai.get("context_length") or 2048)
-        eos = genai.get("eos_token_id")
-        self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.eos = set(eos_ids(path))
         self._inbox: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
         self._ready = threading.Event()
@@ -442,7 +443,7 @@ def model_names(paths: list[str]) -> dict[str, str]:
     for item in paths:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
         folder = Path(path).expanduser().resolve()
-        if not (folder / "genai_config.json").is_file():
+        if not is_onnx_folder(folder):
             raise ValueError(
                 f"{path} is not an ONNX Runtime GenAI folder (no genai_config.json): quantize "
                 "the model first (Quantize tab or slmops quantize)"

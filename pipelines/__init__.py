@@ -10,6 +10,8 @@ STEP_NAMES = (
     "finetune",
     "evaluate",
     "quantize",
+    "benchmark",
+    "publish",
 )  # stored in runs.step: never rename one
 
 

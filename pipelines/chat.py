@@ -39,7 +39,7 @@ def stream(
     messages: list[dict[str, str]],
     max_new_tokens: int = 256,
     temperature: float = 0.0,
-    top_p: float = 0.9,
+    top_p: float = 1.0,
 ) -> Iterator[str]:
     """Yield the reply's text piece by piece (greedy when temperature is 0)."""
     from transformers import TextIteratorStreamer
@@ -74,7 +74,7 @@ def reply(
 
 
 def serve() -> None:
-    """Answer requests {"model", "messages", "max_new_tokens", "temperature"} from stdin."""
+    """Answer requests {"model", "messages", "max_new_tokens", "temperature", "top_p"}."""
     for line in sys.stdin:
         request = json.loads(line)
         try:
@@ -85,6 +85,7 @@ def serve() -> None:
                 request["messages"],
                 int(request.get("max_new_tokens", 256)),
                 float(request.get("temperature", 0.0)),
+                float(request.get("top_p", 1.0)),
             ):
                 _send({"delta": piece})
             _send({"done": True})

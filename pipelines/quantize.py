@@ -200,7 +200,10 @@ def run(config: QuantizeConfig, workdir: Path, report: Reporter) -> StepResult:
         from pipelines.gate import flat, format_report, quality_gate
 
         result = quality_gate(config, source, out, report, meta.get("adapter_file"))
+        from pipelines.benchmark import hardware
+
         result["suggestion"] = suggestion(config, result["checks"])
+        result["hardware"] = hardware()
         summary["gate"] = result
         report(Metrics(step=0, values=flat(result)))
         (workdir / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))

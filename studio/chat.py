@@ -31,6 +31,7 @@ class ChatClient:
         messages: list[dict[str, str]],
         max_new_tokens: int = 256,
         temperature: float = 0.0,
+        top_p: float = 1.0,
     ) -> Iterator[str]:
         """Yield pieces of the reply of `model` to `messages`."""
         request = {
@@ -38,6 +39,7 @@ class ChatClient:
             "messages": messages,
             "max_new_tokens": int(max_new_tokens),
             "temperature": float(temperature),
+            "top_p": float(top_p),
         }
         with self._lock:
             proc = self._process()

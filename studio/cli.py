@@ -136,6 +136,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser(
+        "bench-endpoint", help="benchmark an OpenAI-compatible endpoint (latency, TTFT, tokens/s)"
+    )
+    p.add_argument("url", help="base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", default="", help="served model name (default: the first listed)")
+    p.add_argument("--rounds", type=int, default=3, help="times the prompt set is sent")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompts", default="", help="JSONL of {'messages': [...]} (default: built-in)")
+    p.add_argument("--model-dir", default="", help="the served folder, to record in its lineage")
+    p.add_argument("--name", default="")
+    p.add_argument("--detach", action="store_true", help="queue and return at once")
+    p.set_defaults(func=cmd_bench_endpoint)
+    p = sub.add_parser(
         "distill", help="teacher answers -> student training -> student-vs-teacher report"
     )
     p.add_argument(
@@ -398,6 +411,33 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     runtime.serve(args.models, host=args.host, port=args.port, api_key=key)
     return 0
+
+
+def cmd_bench_endpoint(settings: Settings, args: argparse.Namespace) -> int:
+    """Queue a benchmark run against URL (its key from $STUDIO_RUNTIME_API_KEY) and print it."""
+    from pipelines.benchmark import BenchmarkConfig
+
+    try:
+        config = BenchmarkConfig(
+            **_absolute_paths(
+                {
+                    "url": args.url,
+                    "model": args.model,
+                    "rounds": args.rounds,
+                    "warmup": args.warmup,
+                    "max_tokens": args.max_tokens,
+                    "prompts_file": args.prompts,
+                    "model_dir": args.model_dir,
+                }
+            )
+        )
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    code, _ = _submit(
+        settings, "benchmark", config, args.name or f"benchmark {args.url}", not args.detach
+    )
+    return code
 
 
 def cmd_distill(settings: Settings, args: argparse.Namespace) -> int:

@@ -325,7 +325,7 @@ def build_app(models: dict[str, ServedModel], api_key: str = "") -> Any:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(models)}
+        return {"status": "ok", "models": list(models), "memory": memory_mb()}
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -435,6 +435,19 @@ async def _sse(
     finally:
         if not finished:  # the client went away: stop generating for it
             cancel()
+
+
+def memory_mb() -> dict[str, float]:
+    """This process's resident memory now and at its peak (VmHWM starts afresh at exec)."""
+    fields = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024
+    except (OSError, ValueError):
+        return {}
+    return {"rss_mb": fields.get("VmRSS"), "peak_rss_mb": fields.get("VmHWM")}
 
 
 def model_names(paths: list[str]) -> dict[str, str]:

@@ -96,6 +96,31 @@ def _initial(db: Database) -> None:
     )
 
 
+@migrations(name="0002_servers")
+def _servers(db: Database) -> None:
+    """Local runtimes started from the Deploy tab (their API key is never stored)."""
+    db["servers"].create(
+        {
+            "id": int,
+            "models_json": str,
+            "host": str,
+            "port": int,
+            "pid": int,
+            "status": str,
+            "key_required": int,
+            "log_path": str,
+            "error": str,
+            "started_at": str,
+            "stopped_at": str,
+        },
+        pk="id",
+        defaults={"key_required": 0, "error": ""},
+    )
+
+
+SERVER_LIVE = ("starting", "serving")
+
+
 def connect(home: Path) -> Database:
     """Open a new connection; call per thread or process, never share one across threads."""
     conn = sqlite3.connect(Path(home) / "studio.db", timeout=30)
@@ -294,6 +319,42 @@ def reconcile(db: Database, is_alive) -> tuple[list[str], list[dict[str, Any]]]:
     return interrupted, alive
 
 
+# --- local runtimes ---------------------------------------------------------------------------
+
+
+def add_server(
+    db: Database, models: dict[str, str], host: str, port: int, key_required: bool, log_path: str
+) -> int:
+    row = {
+        "models_json": json.dumps(models),
+        "host": host,
+        "port": port,
+        "status": "starting",
+        "key_required": int(key_required),
+        "log_path": log_path,
+        "started_at": utc_now(),
+    }
+    return db["servers"].insert(row).last_pk
+
+
+def set_server(db: Database, server_id: int, status: str, **fields: Any) -> bool:
+    """Move a live server to `status`; a stopped or failed one stays as it is."""
+    stopped = {"stopped_at": utc_now()} if status not in SERVER_LIVE else {}
+    values = {"status": status, **fields, **stopped}
+    assignments = ", ".join(f"[{k}] = ?" for k in values)  # names from this module's callers
+    cursor = db.execute(
+        f"update servers set {assignments} where id = ? and status in ('starting', 'serving')",
+        [*values.values(), server_id],
+    )
+    return cursor.rowcount == 1
+
+
+def servers(db: Database, live_only: bool = False) -> list[dict[str, Any]]:
+    where = "status in ('starting', 'serving')" if live_only else None
+    rows = db["servers"].rows_where(where, order_by="id desc", limit=None if live_only else 50)
+    return [{**r, "models": json.loads(r["models_json"])} for r in rows]
+
+
 # --- events and metrics -----------------------------------------------------------------------
 
 
@@ -418,6 +479,74 @@ def lineage(db: Database, run_id: str) -> dict[str, list[dict[str, Any]]]:
         )
     )
     return {"inputs": inputs, "used_by": used_by}
+
+
+MEASURING_STEPS = ("evaluate", "benchmark")
+
+
+def ancestry(db: Database, artifact_id: int) -> dict[str, Any]:
+    """How an artifact was made, for its model card and lineage picture: the artifact, the runs
+    that made it and its inputs (oldest first), and the evaluate and benchmark runs that measured
+    it or an ancestor. Configs hold no secrets (they travel in the environment)."""
+    artifact = dict(db["artifacts"].get(artifact_id))
+    runs, seen, made = [], set(), {artifact["id"]}
+
+    def visit(run_id: str) -> None:
+        if run_id in seen:
+            return
+        seen.add(run_id)
+        inputs = list(
+            db.query(
+                "select i.role, a.id, a.kind, a.name, a.sha256, a.run_id, a.meta_json "
+                "from run_inputs i join artifacts a on a.id = i.artifact_id where i.run_id = ?",
+                [run_id],
+            )
+        )
+        for item in inputs:
+            made.add(item["id"])
+            visit(item["run_id"])
+        run = get_run(db, run_id)
+        runs.append(
+            {
+                "id": run_id,
+                "step": run["step"],
+                "name": run["name"],
+                "config": json.loads(run["config_json"]),
+                "summary": json.loads(run["summary_json"] or "{}"),
+                "inputs": [
+                    {k: item[k] for k in ("role", "id", "kind", "name", "sha256")}
+                    | {"meta": json.loads(item["meta_json"] or "{}")}
+                    for item in inputs
+                ],
+            }
+        )
+
+    visit(artifact["run_id"])
+    marks = ",".join("?" * len(made))
+    measured = list(
+        db.query(
+            f"select distinct r.id, r.step, r.name, r.summary_json, i.artifact_id "
+            f"from runs r join run_inputs i on i.run_id = r.id where i.artifact_id in ({marks}) "
+            f"and r.status = 'succeeded' and r.deleted = 0 and r.step in "
+            f"({','.join('?' * len(MEASURING_STEPS))}) order by r.id",
+            [*made, *MEASURING_STEPS],
+        )
+    )
+    artifact["meta"] = json.loads(artifact.pop("meta_json") or "{}")
+    return {
+        "artifact": artifact,
+        "runs": runs,
+        "measured": [
+            {
+                "id": m["id"],
+                "step": m["step"],
+                "name": m["name"],
+                "of_this": m["artifact_id"] == artifact["id"],
+                "summary": json.loads(m["summary_json"] or "{}"),
+            }
+            for m in measured
+        ],
+    }
 
 
 def _size_and_hash(path: Path) -> tuple[int, str]:

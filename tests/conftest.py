@@ -98,6 +98,16 @@ def bpe_lm(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx(bpe_lm, tmp_path_factory):
+    """The tiny BPE model quantized to an int4 ONNX Runtime GenAI folder (no gate)."""
+    from pipelines import quantize
+
+    workdir = tmp_path_factory.mktemp("tiny-onnx")
+    quantize.run(quantize.QuantizeConfig(model=str(bpe_lm), gate=False), workdir, lambda e: None)
+    return workdir / "onnx"
+
+
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, tiny_lm):
     """A dataset folder as the dataset step writes it: mixed lengths, two labels."""
     from pipelines import dataset

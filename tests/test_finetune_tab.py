@@ -1,11 +1,10 @@
-"""Finetune tab handlers: start a run, list models by base, memory estimate, side-by-side chat."""
+"""Finetune tab handlers: start a run, list models by base, memory estimate."""
 
 import gradio as gr
 import pytest
 
 from pipelines.finetune import FinetuneConfig
 from studio import store
-from studio.chat import ChatClient
 from studio.ui import finetune_tab, forms
 
 
@@ -69,37 +68,3 @@ def test_memory_estimate_in_the_form():
     huge = finetune_tab.estimate_md("bundled", "full", 16, 256, 8192, False)
     assert huge.startswith("⚠️") and "lower the batch size" in huge
     assert "unknown" in finetune_tab.estimate_md("nobody/nothing", "lora", 16, 4, 512, False)
-
-
-@pytest.mark.slow
-def test_chat_side_by_side_streams_both_models(home, tiny_lm, tmp_path):
-    chat = ChatClient(home)
-    try:
-        updates = list(
-            finetune_tab.chat_turn(
-                chat,
-                "bundled",
-                str(tiny_lm),
-                "Answer briefly.",
-                "What is the capital of France?",
-                [],
-                [],
-                12,
-                0.0,
-            )
-        )
-        a, b, box = updates[-1]
-        assert box == ""
-        assert [m["role"] for m in a] == ["user", "assistant"] == [m["role"] for m in b]
-        assert len(a[1]["content"]) > 5  # the bundled model answers something
-        assert len(updates) > 3  # streamed piece by piece
-        again = list(finetune_tab.chat_turn(chat, str(tiny_lm), "", "", "the", b, [], 4, 0.0))
-        assert len(again[-1][0]) == 4 and again[-1][1] == []
-        with pytest.raises(gr.Error, match="can't answer"):
-            list(
-                finetune_tab.chat_turn(
-                    chat, str(tmp_path / "missing"), "", "", "hi", [], [], 4, 0.0
-                )
-            )
-    finally:
-        chat.close()

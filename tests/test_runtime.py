@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipelines import quantize
 from studio import runtime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,11 +20,8 @@ HELLO = [{"role": "user", "content": "hello world"}]
 
 
 @pytest.fixture(scope="module")
-def server(bpe_lm, tmp_path_factory):
+def server(tiny_onnx):
     """`slmops serve` on the tiny model in int4, with an API key from the environment."""
-    workdir = tmp_path_factory.mktemp("served")
-    config = quantize.QuantizeConfig(model=str(bpe_lm), gate=False)
-    quantize.run(config, workdir, lambda event: None)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -36,7 +32,7 @@ def server(bpe_lm, tmp_path_factory):
             "-m",
             "studio.cli",
             "serve",
-            f"tiny={workdir / 'onnx'}",
+            f"tiny={tiny_onnx}",
             "--port",
             str(port),
         ],
@@ -147,7 +143,9 @@ def test_broken_json_a_wrong_key_and_unknown_routes(server):
         client(server, key="sk-wrong").models.list()
     assert httpx.get(f"{server}/v1/nothing", headers=auth, timeout=10).status_code == 404
     assert httpx.get(f"{server}/v1/chat/completions", headers=auth, timeout=10).status_code == 405
-    assert httpx.get(f"{server}/health", timeout=10).json() == {"status": "ok", "models": ["tiny"]}
+    health = httpx.get(f"{server}/health", timeout=10).json()
+    assert health["status"] == "ok" and health["models"] == ["tiny"]
+    assert 0 < health["memory"]["rss_mb"] <= health["memory"]["peak_rss_mb"] < 4096
 
 
 def test_only_onnx_folders_are_served(tmp_path, bpe_lm):

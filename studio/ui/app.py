@@ -8,7 +8,7 @@ from pipelines.dataset import SAMPLE_DATASET
 from studio.chat import ChatClient
 from studio.jobs import JobRunner
 from studio.settings import Settings
-from studio.ui import data_tab, distill_tab, finetune_tab, quantize_tab, runs_tab
+from studio.ui import data_tab, deploy_tab, distill_tab, finetune_tab, quantize_tab, runs_tab
 
 INTRO = (
     "# SLMOps Studio\nA small language model's whole life in your browser. Every step runs in "
@@ -27,9 +27,11 @@ def build_app(settings: Settings, runner: JobRunner) -> gr.Blocks:
             with gr.Tab("Distill", id="distill"):
                 distill_tab.build_tab(settings.home, runner)
             with gr.Tab("Finetune", id="finetune"):
-                finetune_tab.build_tab(settings.home, runner, ChatClient(settings.home))
+                finetune_tab.build_tab(settings.home, runner)
             with gr.Tab("Quantize", id="quantize"):
                 quantize_tab.build_tab(settings.home, runner)
+            with gr.Tab("Deploy", id="deploy"):
+                deploy_tab.build_tab(settings.home, runner, ChatClient(settings.home))
             with gr.Tab("Runs", id="runs"):
                 runs_tab.build_tab(settings.home, runner)
     return demo

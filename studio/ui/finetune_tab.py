@@ -1,12 +1,11 @@
 """Finetune tab: pick a dataset, a base model and a method, see the memory estimate, start; the
-models it made, grouped by base; and a chat that answers with one or two models side by side."""
+models it made, grouped by base."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import gradio as gr
 from pipelines import finetune
 from pipelines.finetune import FinetuneConfig
 from studio import store
-from studio.chat import ChatClient, ChatError
 from studio.jobs import JobRunner
 from studio.ui import forms, runs_tab
 
@@ -42,7 +40,7 @@ ESTIMATE_FIELDS = (
 )
 
 
-def build_tab(home: Path, runner: JobRunner, chat: ChatClient) -> None:
+def build_tab(home: Path, runner: JobRunner) -> None:
     with gr.Row():
         dataset_dir = gr.Dropdown(
             label="Dataset",
@@ -81,46 +79,16 @@ def build_tab(home: Path, runner: JobRunner, chat: ChatClient) -> None:
     gr.Markdown("### Models made here")
     models = gr.Markdown(models_md(home))
 
-    gr.Markdown("### Chat: the same message to one or two models")
-    with gr.Row():
-        model_a = gr.Dropdown(
-            label="Model A",
-            choices=model_choices(home),
-            value="bundled",
-            allow_custom_value=True,
-            elem_id="chat-a",
-        )
-        model_b = gr.Dropdown(
-            label="Model B (optional)",
-            choices=["", *model_choices(home)],
-            value="",
-            allow_custom_value=True,
-            elem_id="chat-b",
-        )
-    system = gr.Textbox(label="System prompt", lines=1)
-    with gr.Row():
-        max_new_tokens = gr.Slider(8, 1024, value=128, step=8, label="Max new tokens")
-        temperature = gr.Slider(
-            0,
-            1.5,
-            value=0.0,
-            step=0.05,
-            label="Temperature",
-            info="0 = greedy (the same answer every time)",
-        )
-    with gr.Row():
-        chat_a = gr.Chatbot(label="Model A", height=300, elem_id="chat-out-a")
-        chat_b = gr.Chatbot(label="Model B", height=300, elem_id="chat-out-b")
-    message = gr.Textbox(label="Message", placeholder="Type and press Enter", elem_id="chat-msg")
-    clear = gr.Button("Clear", size="sm")
+    gr.Markdown(
+        "Try the models side by side in **Deploy → Playground** (the bundled model against "
+        "a tuned one, the same message to both)."
+    )
 
     fields = [base_model, method, lora_r, batch_size, max_seq_len, checkpointing]
     for control in fields:
         control.change(lambda *v: estimate_md(*v), inputs=fields, outputs=[estimate])
-    for dropdown in (dataset_dir, base_model, model_a, model_b):
-        dropdown.focus(
-            _refresh_choices(home, dropdown is dataset_dir, dropdown is model_b), outputs=[dropdown]
-        )
+    for dropdown in (dataset_dir, base_model):
+        dropdown.focus(_refresh_choices(home, dropdown is dataset_dir), outputs=[dropdown])
 
     def on_start(*values):
         return submit_finetune(runner, *values)
@@ -150,25 +118,14 @@ def build_tab(home: Path, runner: JobRunner, chat: ChatClient) -> None:
         outputs=[status, report, models],
     )
 
-    def on_message(*values):
-        yield from chat_turn(chat, *values)
-
-    message.submit(
-        on_message,
-        inputs=[model_a, model_b, system, message, chat_a, chat_b, max_new_tokens, temperature],
-        outputs=[chat_a, chat_b, message],
-    )
-    clear.click(lambda: ([], [], ""), outputs=[chat_a, chat_b, message])
-
 
 def _kwargs(name: str) -> dict[str, Any]:
     return forms.field_kwargs(FinetuneConfig, name)
 
 
-def _refresh_choices(home: Path, datasets: bool, optional: bool):
+def _refresh_choices(home: Path, datasets: bool):
     def refresh():
-        choices = dataset_choices(home) if datasets else model_choices(home)
-        return gr.update(choices=["", *choices] if optional else choices)
+        return gr.update(choices=dataset_choices(home) if datasets else model_choices(home))
 
     return refresh
 
@@ -296,54 +253,6 @@ def submit_finetune(
     name = f"{config.method} {Path(dataset_dir).parent.parent.name} on {_short(config.base_model)}"
     run_id = runner.submit("finetune", config, name=name)
     return run_id, *runs_tab.run_status(runner.home, run_id)[:1]
-
-
-def chat_turn(
-    chat: ChatClient,
-    model_a: str,
-    model_b: str,
-    system: str,
-    message: str,
-    history_a: list | None,
-    history_b: list | None,
-    max_new_tokens: float,
-    temperature: float,
-) -> Iterator[tuple[list, list, str]]:
-    """Send one message to model A (and B), streaming each reply into its own column."""
-    if not (message or "").strip():
-        raise gr.Error("Type a message first.")
-    if not model_a:
-        raise gr.Error("Pick model A.")
-    histories = [list(history_a or []), list(history_b or [])]
-    for side, model in enumerate((model_a, model_b)):
-        if not model:
-            continue
-        prior = [{"role": m["role"], "content": _text(m["content"])} for m in histories[side]]
-        turns = (
-            ([{"role": "system", "content": system}] if system else [])
-            + prior
-            + [{"role": "user", "content": message}]
-        )
-        histories[side] += [
-            {"role": "user", "content": message},
-            {"role": "assistant", "content": ""},
-        ]
-        try:
-            for piece in chat.stream(model, turns, int(max_new_tokens), float(temperature)):
-                histories[side][-1]["content"] += piece
-                yield histories[0], histories[1], ""
-        except ChatError as e:
-            raise gr.Error(f"Model {'AB'[side]} can't answer: {e}") from e
-    yield histories[0], histories[1], ""
-
-
-def _text(content: Any) -> str:
-    """Chatbot message content back to plain text (Gradio may wrap it in a list of parts)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
-    return str(content)
 
 
 def _short(spec: str) -> str:

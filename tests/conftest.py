@@ -1,6 +1,8 @@
 """Test setup: offline environment before anything imports transformers, and shared fixtures."""
 
+import json
 import os
+import shutil
 import tempfile
 
 os.environ.update(
@@ -105,6 +107,28 @@ def tiny_onnx(bpe_lm, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny-onnx")
     quantize.run(quantize.QuantizeConfig(model=str(bpe_lm), gate=False), workdir, lambda e: None)
     return workdir / "onnx"
+
+
+@pytest.fixture
+def made_onnx(home, tiny_onnx):
+    """The tiny ONNX folder registered as an artifact of a quantize run in this home."""
+    runner = JobRunner(home, inline=True)
+    with store.connect(home) as db:
+        run_id = store.create_run(
+            db,
+            "quantize",
+            {"model": "bundled", "precision": "int4"},
+            queue="compute",
+            name="tiny int4",
+        )
+        store.set_status(db, run_id, "running")
+        out = home / "runs" / run_id / "out"
+        out.mkdir(parents=True)
+        shutil.copytree(tiny_onnx, out / "onnx")
+        store.register_artifacts(db, home, run_id, out, [("onnx", "onnx", {"name": "tiny int4"})])
+        summary = {"recipe": "int4 k_quant_mixed b32", "gate": {"verdict": "pass", "checks": []}}
+        store.set_status(db, run_id, "succeeded", summary_json=json.dumps(summary))
+    return runner, out / "onnx"
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ PIPELINE_MODULES = [
     "pipelines.generation",
     "pipelines.onnx_model",
     "pipelines.gate",
+    "pipelines.card",
     *[f"pipelines.{s}" for s in STEPS],
 ]
 WEB_MODULES = [
@@ -26,6 +27,7 @@ WEB_MODULES = [
     "studio.jobs",
     "studio.cli",
     "studio.worker",
+    "studio.deploy",
     "studio.runtime",  # onnxruntime-genai only once a model is served, and never torch
 ]
 HEAVY = ["torch", "transformers", "peft", "trl", "datasets", "onnxruntime_genai", "bitsandbytes"]

@@ -1,6 +1,6 @@
 """A new user in headless Chromium: upload a file in the Data tab, find the import in the Runs tab,
 test the teacher in the Distill tab, see the Quantize tab offer precisions per target, restart
-the studio and find the import still there."""
+the studio and find the import still there; serve, chat with and package a model in Deploy."""
 
 import os
 import socket
@@ -113,3 +113,52 @@ def test_upload_import_and_find_it_in_the_runs_tab_after_a_restart(tmp_path, bro
     finally:
         app.terminate()
         app.wait(10)
+
+
+def test_deploy_serve_chat_and_package_in_the_browser(made_onnx, home, browser):
+    """Serve a quantized model, see its endpoint, chat with it, stop it, build a Foundry
+    package: the Deploy tab as a user clicks through it."""
+    from playwright.sync_api import expect
+
+    port = _free_port()
+    app = _start_app(home, port)
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.get_by_role("tab", name="Deploy").click()
+        page.locator("#serve-models input").click()
+        page.get_by_role("option", name="tiny int4").first.click()
+        page.locator("#serve-start").click()
+        expect(page.locator("#servers")).to_contain_text("serving", timeout=60_000)
+        expect(page.locator("#serve-snippets")).to_contain_text("/v1", timeout=10_000)
+        expect(page.locator("#serve-snippets")).to_contain_text("curl")
+
+        page.get_by_role("tab", name="Playground").click()
+        page.locator("#chat-a input").click()
+        page.locator("#chat-a input").fill("")
+        page.get_by_role("option", name="tiny int4").first.click()
+        page.locator("#chat-msg textarea").fill("hello world")
+        page.locator("#chat-msg textarea").press("Enter")
+        expect(page.locator("#chat-out-a")).to_contain_text("hello world", timeout=30_000)
+        expect(
+            page.locator("#chat-out-a .bot, #chat-out-a [data-testid=bot]").first
+        ).to_be_attached(timeout=30_000)
+
+        page.get_by_role("tab", name="Foundry Local").click()
+        page.locator("#foundry-model input").click()
+        page.get_by_role("option", name="tiny int4").first.click()
+        page.locator("#foundry-build").click()
+        expect(page.locator("#foundry-report")).to_contain_text("foundry model run", timeout=60_000)
+        expect(page.locator("#foundry-zip")).to_contain_text(".zip", timeout=10_000)
+
+        page.get_by_role("tab", name="Serve").click()
+        page.get_by_role("button", name="Stop").click()
+        expect(page.locator("#servers")).to_contain_text("stopped", timeout=20_000)
+        page.close()
+    finally:
+        app.terminate()
+        app.wait(10)
+        from studio import deploy
+
+        for row in deploy.refresh(home):
+            deploy.stop_server(home, row["id"])

@@ -17,34 +17,11 @@ from pipelines import publish
 from pipelines.base import StepError
 from studio import deploy, store
 from studio.chat import ChatClient
-from studio.jobs import JobRunner
 from studio.ui import deploy_tab
 from tests.hub_server import FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_test_token_5d1e0c"  # searched for by value after each publish
-
-
-@pytest.fixture
-def made_onnx(home, tiny_onnx):
-    """The tiny ONNX folder registered as an artifact of a quantize run in this home."""
-    runner = JobRunner(home, inline=True)
-    with store.connect(home) as db:
-        run_id = store.create_run(
-            db,
-            "quantize",
-            {"model": "bundled", "precision": "int4"},
-            queue="compute",
-            name="tiny int4",
-        )
-        store.set_status(db, run_id, "running")
-        out = home / "runs" / run_id / "out"
-        out.mkdir(parents=True)
-        subprocess.run(["cp", "-r", str(tiny_onnx), str(out / "onnx")], check=True)
-        store.register_artifacts(db, home, run_id, out, [("onnx", "onnx", {"name": "tiny int4"})])
-        summary = {"recipe": "int4 k_quant_mixed b32", "gate": {"verdict": "pass", "checks": []}}
-        store.set_status(db, run_id, "succeeded", summary_json=json.dumps(summary))
-    return runner, out / "onnx"
 
 
 def test_server_lifecycle_snippets_benchmark_and_card(made_onnx, home):

@@ -139,7 +139,9 @@ def test_build_app_returns_blocks_without_launching(home, runner, settings):
     demo = app.build_app(settings, runner)
     assert isinstance(demo, gr.Blocks)
     labels = [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
-    assert labels == ["Data", "Distill", "Finetune", "Quantize", "Runs"] + labels[5:]
+    top = ["Data", "Distill", "Finetune", "Quantize", "Deploy"]
+    deploy = ["Serve", "Playground", "Foundry Local", "Hugging Face Hub"]
+    assert labels[:10] == [*top, *deploy, "Runs"]
 
 
 @pytest.mark.filterwarnings("ignore:Run .* has already finished")

@@ -90,12 +90,7 @@ def _serve_section(home: Path, runner: JobRunner) -> None:
     )
     timer = gr.Timer(2.0)
     timer.tick(
-        lambda s, b: (
-            servers_table(home),
-            gr.update(choices=server_choices(home)),
-            server_snippets(home, s),
-            *runs_tab.run_status(home, b),
-        ),
+        lambda s, b: (*serve_status(home, s), *runs_tab.run_status(home, b)),
         inputs=[chosen, bench_run],
         outputs=[table, chosen, snippet, bench_status, bench_report],
     )
@@ -139,7 +134,16 @@ def stop_serving(home: Path, server_id: Any) -> Any:
     if not deploy.stop_server(home, int(server_id)):
         raise gr.Error(f"Server {server_id} is not running.")
     gr.Info(f"Server {server_id} stopped.")
-    return gr.update(choices=server_choices(home))
+    return gr.update(choices=server_choices(home), value=None)
+
+
+def serve_status(home: Path, server_id: Any) -> tuple[Any, Any, str]:
+    """The servers table, the live servers to pick from (dropping a stopped choice), snippets."""
+    table = servers_table(home)
+    choices = server_choices(home)
+    live = server_id in [value for _, value in choices]
+    picked = gr.update(choices=choices, value=server_id if live else None)
+    return table, picked, server_snippets(home, server_id if live else None)
 
 
 def servers_table(home: Path) -> list[list[Any]]:
@@ -406,9 +410,9 @@ def foundry_status(home: Path, run_id: str) -> tuple[Any, Any, Any]:
     with store.connect(home) as db:
         row = store.get_run(db, run_id)
         outputs = store.artifacts(db, run_id=run_id)
-    if row["status"] != "succeeded":
-        return header, report, None
     summary = json.loads(row["summary_json"] or "{}")
+    if row["status"] != "succeeded" or "prompt_template" not in summary:
+        return header, report, None
     archive = next((Path(home) / a["path"] for a in outputs if a["kind"] == "foundry-zip"), None)
     text = (
         f"Packaged **{summary['name']}**.\n\n"

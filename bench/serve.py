@@ -33,7 +33,9 @@ def raw_decode_tokens_per_s(folder: str, prompts) -> float:
     """onnxruntime-genai's Generator, one prompt at a time: decode tokens/s after the first."""
     import onnxruntime_genai as og
 
-    model = og.Model(folder)
+    from pipelines.onnx_model import load_model
+
+    model = load_model(folder)  # the same threads as the server
     tokenizer = og.Tokenizer(model)
     tokens, seconds = 0, 0.0
     for messages in prompts:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,22 @@ def eos_ids(folder: str | Path) -> list[int]:
     return sorted(value if isinstance(value, list) else [value] if value is not None else [])
 
 
+def load_model(path: str | Path, on_cpu: bool = False) -> Any:
+    """og.Model for a folder, on every CPU core this process may use, unless its genai_config sets
+    a thread count. ONNX Runtime's own default was one thread on the 2-core test machine: prompt
+    0.50 s -> 0.26 s, decode 22 -> 13 ms per token with both cores (SmolLM2-135M int4)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(path))
+    if on_cpu:
+        config.clear_providers()
+    decoder = json.loads((Path(path) / GENAI_CONFIG).read_text())["model"]["decoder"]
+    if "intra_op_num_threads" not in decoder.get("session_options", {}):
+        threads = {"intra_op_num_threads": len(os.sched_getaffinity(0))}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": threads}}}))
+    return og.Model(config)
+
+
 class OnnxModel:
     """Greedy or sampled answers from an ONNX Runtime GenAI model, one chat at a time."""
 
@@ -39,10 +56,7 @@ class OnnxModel:
         process = psutil.Process()
         before = process.memory_info().rss
         try:
-            config = og.Config(self.path)
-            if on_cpu:
-                config.clear_providers()
-            self.model = og.Model(config)
+            self.model = load_model(self.path, on_cpu)
             self.tokenizer = og.Tokenizer(self.model)
         except Exception as e:  # onnxruntime-genai raises plain RuntimeErrors
             raise StepError(f"ONNX Runtime GenAI could not load {path}: {e}") from None

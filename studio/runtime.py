@@ -17,12 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pipelines.onnx_model import GENAI_CONFIG, eos_ids, is_onnx_folder
+from pipelines.onnx_model import GENAI_CONFIG, eos_ids, is_onnx_folder, load_model
 
 API_KEY_ENV = "STUDIO_RUNTIME_API_KEY"  # the key, so that it never shows in `ps`
+# A chat's key/value cache is allocated for its whole length at once (322 MB for SmolLM2's 8192
+# tokens, 33 MB for 1024), so a request without max_tokens gets this many, not the full context.
+DEFAULT_MAX_TOKENS = 1024
+MIN_SHARED_TOKENS = 8  # a shorter shared prefix is not worth a pooled cache
+POOL_SIZE = 4  # finished chats kept for their prompt prefix (the next turn, a shared system prompt)
 ROLES = ("system", "user", "assistant")
 
 
@@ -147,9 +153,10 @@ class ServedModel:
 
         self.name, self.path = name, str(path)
         self.created = int(time.time())
-        self.model = og.Model(self.path)
+        self.model = load_model(self.path)
         self.tokenizer = og.Tokenizer(self.model)
         self.error = ""
+        self.reused = {"chats": 0, "tokens": 0}  # prompts started from a pooled prefix
         genai = json.loads((Path(path) / GENAI_CONFIG).read_text())["model"]
         self.context_length = int(genai.get("context_length") or 2048)
         self.eos = set(eos_ids(path))
@@ -163,8 +170,6 @@ class ServedModel:
             raise RuntimeError(f"{name}: {self.error}")
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> Any:
-        import numpy as np
-
         text = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
         return np.asarray(self.tokenizer.encode(text), dtype=np.int32)
 
@@ -184,7 +189,8 @@ class ServedModel:
         if self.error:
             raise RuntimeError(f"the model {self.name} stopped: {self.error}")
         ticket = {"cancel": False}
-        self._inbox.put((ids, chat, min(chat.max_tokens or room, room), sink, ticket))
+        limit = min(chat.max_tokens or DEFAULT_MAX_TOKENS, room)
+        self._inbox.put((ids, chat, limit, sink, ticket))
         return lambda: ticket.update(cancel=True)
 
     def close(self) -> None:
@@ -194,6 +200,7 @@ class ServedModel:
 
     def _pump(self) -> None:
         live: list[dict[str, Any]] = []
+        self._pool: list[dict[str, Any]] = []
         try:
             self._ready.set()
             self._steps(live)
@@ -231,6 +238,7 @@ class ServedModel:
                 if finish is None:
                     continue
                 live.remove(entry)
+                self._keep(entry)
                 entry["generator"] = None
                 usage = {
                     "prompt_tokens": entry["prompt_tokens"],
@@ -250,7 +258,12 @@ class ServedModel:
         if token not in self.eos:
             entry["text"] += entry["stream"].decode(token)
         cut = _stop_at(entry["text"], entry["stops"])
-        ended = cut is not None or token in self.eos or generator.is_done()
+        ended = (
+            cut is not None
+            or token in self.eos
+            or entry["tokens"] >= entry["limit"]  # a reused cache may be longer than needed
+            or generator.is_done()
+        )
         # text that may be the start of a stop string waits until it is known not to be
         upto = cut if cut is not None else len(entry["text"]) - (0 if ended else entry["hold"])
         if upto > entry["sent"]:
@@ -265,19 +278,31 @@ class ServedModel:
     def _start(self, ids, chat: Chat, limit: int, sink, ticket) -> dict[str, Any]:
         import onnxruntime_genai as og
 
-        params = og.GeneratorParams(self.model)
-        options: dict[str, Any] = {"max_length": len(ids) + limit}
+        # rounded up, so that the cache fits the next turn or a similar prompt when pooled
+        length = min(self.context_length, -(-(len(ids) + limit) // 256) * 256)
+        options: dict[str, Any] = {"max_length": length, "do_sample": False}
         if chat.temperature > 0:
             options.update(do_sample=True, temperature=chat.temperature, top_p=chat.top_p)
             if chat.seed is not None:
                 options["random_seed"] = chat.seed
+        # a chat with its own seed starts afresh, so that the seed alone decides its answer
+        key = (
+            None
+            if "random_seed" in options
+            else (options["do_sample"], chat.temperature, chat.top_p)
+        )
+        reused = self._reuse(ids, key, options["max_length"])
+        if reused is None:
+            params = og.GeneratorParams(self.model)
+            params.set_search_options(**options)
+            generator, done = og.Generator(self.model, params), 0
         else:
-            options["do_sample"] = False
-        params.set_search_options(**options)
-        generator = og.Generator(self.model, params)
-        generator.append_tokens(ids)  # the prompt (prefill)
+            generator, done, _ = reused
+        generator.append_tokens(ids[done:])  # the prompt, or what the reused prefix lacks
         return {
             "generator": generator,
+            "key": key,
+            "max_length": options["max_length"] if reused is None else reused[2],
             "sink": sink,
             "ticket": ticket,
             "stream": self.tokenizer.create_stream(),
@@ -288,7 +313,43 @@ class ServedModel:
             "tokens": 0,
             "limit": limit,
             "prompt_tokens": len(ids),
+            "ids": ids,
         }
+
+    def _reuse(self, ids: Any, key: Any, max_length: int) -> tuple[Any, int, int] | None:
+        """A finished chat with the same sampling whose tokens share the longest prefix with
+        `ids`, rewound to that prefix: only the rest of the prompt is computed again."""
+        best, shared = None, 0
+        for entry in self._pool:
+            if key is None or entry["key"] != key or entry["max_length"] < max_length:
+                continue
+            tokens = entry["tokens"]
+            n = min(len(tokens), len(ids) - 1)  # at least one prompt token is fed again
+            same = int(np.argmin(np.append(tokens[:n] == ids[:n], False)))
+            if same > shared:
+                best, shared = entry, same
+        if best is None or shared < MIN_SHARED_TOKENS:
+            return None
+        self._pool.remove(best)
+        best["generator"].rewind_to(shared)
+        self.reused["chats"] += 1
+        self.reused["tokens"] += shared
+        return best["generator"], shared, best["max_length"]
+
+    def _keep(self, entry: dict[str, Any]) -> None:
+        """Pool a finished chat's generator (its cache holds prompt and answer)."""
+        if entry["key"] is None or entry["ticket"]["cancel"]:
+            return
+        tokens = np.asarray(entry["generator"].get_sequence(0), dtype=np.int32)
+        self._pool.append(
+            {
+                "generator": entry["generator"],
+                "tokens": tokens,
+                "key": entry["key"],
+                "max_length": entry["max_length"],
+            }
+        )
+        del self._pool[:-POOL_SIZE]  # the oldest go first
 
 
 def _stop_at(text: str, stops: list[str]) -> int | None:
@@ -325,7 +386,12 @@ def build_app(models: dict[str, ServedModel], api_key: str = "") -> Any:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(models), "memory": memory_mb()}
+        return {
+            "status": "ok",
+            "models": list(models),
+            "memory": memory_mb(),
+            "prefix_cache": {name: m.reused for name, m in models.items()},
+        }
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:

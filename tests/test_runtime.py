@@ -2,6 +2,7 @@
 client: models, completions, streaming, concurrent clients, an API key, and 4xx for bad input."""
 
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -171,3 +172,36 @@ def test_stop_strings_cut_the_answer_where_the_source_would(server):
     )
     assert cut.choices[0].message.content == text[: text.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
+
+
+def test_a_pooled_prefix_answers_exactly_like_a_fresh_start(tiny_onnx):
+    """The second chat reuses the first one's cache for their shared system prompt; its
+    greedy answer is the one a fresh model gives."""
+    system = {"role": "system", "content": "the a is good bad system user assistant " * 3}
+
+    def ask(model, text):
+        events = queue.Queue()
+        chat = runtime.Chat(
+            model="t",
+            messages=[system, {"role": "user", "content": text}],
+            max_tokens=12,
+            temperature=0,
+        )
+        model.submit(chat, events.put)
+        pieces = []
+        while (event := events.get(timeout=60))[0] == "token":
+            pieces.append(event[1])
+        assert event[0] == "done"
+        return "".join(pieces)
+
+    pooled = runtime.ServedModel("t", tiny_onnx)
+    fresh = runtime.ServedModel("t", tiny_onnx)
+    try:
+        ask(pooled, "hello world")
+        assert pooled.reused == {"chats": 0, "tokens": 0}
+        second = ask(pooled, "good bad")
+        assert pooled.reused["chats"] == 1 and pooled.reused["tokens"] >= 8
+        assert second == ask(fresh, "good bad")
+    finally:
+        pooled.close()
+        fresh.close()

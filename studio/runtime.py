@@ -1,7 +1,8 @@
 """The local runtime: ONNX Runtime GenAI models behind an OpenAI-compatible HTTP API
 (GET /v1/models, POST /v1/chat/completions with streaming, GET /health). Concurrent chats take
 turns token by token, so a new request waits for the prompts ahead of it, not for the other
-answers to finish. No torch. Run as: slmops serve MODEL_DIR ..."""
+answers to finish; finished chats stay cached, so a prompt that shares their start (the next turn,
+the same system prompt) computes only the rest. No torch. Run as: slmops serve MODEL_DIR ..."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ API_KEY_ENV = "STUDIO_RUNTIME_API_KEY"  # the key, so that it never shows in `ps
 DEFAULT_MAX_TOKENS = 1024
 MIN_SHARED_TOKENS = 8  # a shorter shared prefix is not worth a pooled cache
 POOL_SIZE = 4  # finished chats kept for their prompt prefix (the next turn, a shared system prompt)
+PROMPTS_PER_ROUND = 4  # new chats started between two rounds of tokens
+GREEDY = ("greedy",)
+WARM_LENGTH = 1280  # the pool starts with this many greedy caches of the template's opening
 ROLES = ("system", "user", "assistant")
 
 
@@ -202,6 +206,7 @@ class ServedModel:
         live: list[dict[str, Any]] = []
         self._pool: list[dict[str, Any]] = []
         try:
+            self._warm()
             self._ready.set()
             self._steps(live)
         except Exception as e:  # the runtime broke: fail what waits, refuse what comes
@@ -214,9 +219,9 @@ class ServedModel:
                     item[3](("error", self.error))
 
     def _steps(self, live: list[dict[str, Any]]) -> None:
-        """Interleave the live chats one token each, starting one new chat (its prompt) between
-        rounds: a new request waits for the prompts ahead of it and a round of single-token
-        steps, never for the other answers to end."""
+        """Interleave the live chats one token each, starting up to PROMPTS_PER_ROUND new chats
+        (their prompts) between rounds: a new request waits for the prompts ahead of it, never
+        for the other answers to end."""
         waiting: list[tuple] = []
         while not self._stopped.is_set():
             if not live and not waiting:
@@ -227,12 +232,13 @@ class ServedModel:
                 except queue.Empty:
                     break
             waiting = [item for item in waiting if item is not None]
-            if waiting:  # one prompt per round, so the live chats keep streaming between them
-                item = waiting.pop(0)
+            # new prompts first (a few per round, so that live chats pause briefly at most)
+            for item in waiting[:PROMPTS_PER_ROUND]:
                 try:
                     live.append(self._start(*item))
                 except Exception as e:  # a request the runtime refuses
                     item[3](("error", f"the request could not start: {e}"))
+            del waiting[:PROMPTS_PER_ROUND]
             for entry in list(live):
                 finish = self._step(entry)
                 if finish is None:
@@ -281,16 +287,12 @@ class ServedModel:
         # rounded up, so that the cache fits the next turn or a similar prompt when pooled
         length = min(self.context_length, -(-(len(ids) + limit) // 256) * 256)
         options: dict[str, Any] = {"max_length": length, "do_sample": False}
+        key: tuple | None = GREEDY  # which pooled caches fit: the same sampling settings
         if chat.temperature > 0:
             options.update(do_sample=True, temperature=chat.temperature, top_p=chat.top_p)
-            if chat.seed is not None:
-                options["random_seed"] = chat.seed
-        # a chat with its own seed starts afresh, so that the seed alone decides its answer
-        key = (
-            None
-            if "random_seed" in options
-            else (options["do_sample"], chat.temperature, chat.top_p)
-        )
+            key = ("sample", chat.temperature, chat.top_p)
+            if chat.seed is not None:  # starts afresh, so that the seed alone decides
+                options["random_seed"], key = chat.seed, None
         reused = self._reuse(ids, key, options["max_length"])
         if reused is None:
             params = og.GeneratorParams(self.model)
@@ -335,6 +337,22 @@ class ServedModel:
         self.reused["chats"] += 1
         self.reused["tokens"] += shared
         return best["generator"], shared, best["max_length"]
+
+    def _warm(self) -> None:
+        """Fill the pool with greedy caches of the chat template's opening (its default system
+        prompt, the user turn's start), so that the first concurrent chats skip that part."""
+        import onnxruntime_genai as og
+
+        ids = self.prompt_ids([{"role": "user", "content": ""}])
+        length = min(self.context_length, WARM_LENGTH)
+        for _ in range(POOL_SIZE):
+            params = og.GeneratorParams(self.model)
+            params.set_search_options(max_length=length, do_sample=False)
+            generator = og.Generator(self.model, params)
+            generator.append_tokens(ids)
+            self._pool.append(
+                {"generator": generator, "tokens": ids, "key": GREEDY, "max_length": length}
+            )
 
     def _keep(self, entry: dict[str, Any]) -> None:
         """Pool a finished chat's generator (its cache holds prompt and answer)."""

@@ -49,11 +49,12 @@ def model_card(lineage: dict[str, Any], repo_id: str, license: str = "apache-2.0
 
 def check_card(text: str) -> None:
     """Parse the card as the Hub will; StepError naming what is wrong."""
+    import yaml
     from huggingface_hub import ModelCard
 
     try:
         card = ModelCard(text, ignore_metadata_errors=False)
-    except ValueError as e:
+    except (ValueError, yaml.YAMLError) as e:
         raise StepError(f"the model card's metadata is not valid: {e}") from None
     required = ("license", "pipeline_tag", "library_name", "tags")
     missing = [k for k in required if not card.data.get(k)]
@@ -135,7 +136,6 @@ def _eval_results(lineage: dict[str, Any]) -> list[Any]:
                     dataset_name=prompts,
                     metric_type=metric,
                     metric_value=round(float(value), 4),
-                    source_name="SLMOps Studio quality gate",
                 )
             )
     for measured in lineage.get("measured", []):
@@ -149,7 +149,6 @@ def _eval_results(lineage: dict[str, Any]) -> list[Any]:
                     dataset_name=f"{summary.get('rows')} {summary.get('split')} rows",
                     metric_type=summary.get("metric") or "accuracy",
                     metric_value=round(float(student["metric"]), 4),
-                    source_name=f"SLMOps Studio evaluation (run {measured['id']})",
                 )
             )
     return results

@@ -322,3 +322,17 @@ def _assert_secret_nowhere(home: Path, secret: str) -> None:
         for table in db.table_names():
             for row in db[table].rows:
                 assert secret not in json.dumps(row, default=str), table
+
+
+def test_publish_a_dataset_as_a_dataset_repo_with_its_card(tiny_dataset, home, hub, runner):
+    run_id, _ = deploy_tab.submit_publish(
+        runner, str(tiny_dataset), "tester/tiny-data", False, "mit", TOKEN
+    )
+    with store.connect(home) as db:
+        row = store.get_run(db, run_id)
+    assert row["status"] == "succeeded", row["error"]
+    assert hub.repos == {"tester/tiny-data": {"type": "dataset", "private": False}}
+    sent = hub.files["tester/tiny-data"]
+    assert {"train.jsonl", "validation.jsonl", "README.md"} <= set(sent)
+    assert sent["README.md"] == (tiny_dataset / "README.md").read_bytes()
+    _assert_secret_nowhere(home, TOKEN)

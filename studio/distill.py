@@ -50,12 +50,20 @@ def plan(spec: dict[str, Any]) -> tuple[SynthesizeConfig, FinetuneConfig, Evalua
 
 
 def submit(
-    runner: JobRunner, spec: dict[str, Any], name: str = "", secrets: dict[str, str] | None = None
+    runner: JobRunner,
+    spec: dict[str, Any],
+    name: str = "",
+    secrets: dict[str, str] | None = None,
+    depends_on: str | None = None,
 ) -> dict[str, str]:
-    """Queue the chain; returns the run id of each step."""
+    """Queue the chain (after `depends_on`, e.g. the import of its dataset); returns the run id
+    of each step."""
     synth, student, evaluation = plan(spec)
     name = name or f"distill {Path(synth.dataset_dir).parent.parent.name}"
-    synth_id = runner.submit("synthesize", synth, name=f"{name} · teacher answers", secrets=secrets)
+    synth_id = runner.submit(
+        "synthesize", synth, name=f"{name} · teacher answers", secrets=secrets,
+        depends_on=depends_on,
+    )
     data = runner.home / "runs" / synth_id / "out" / "dataset"
     student = dataclasses.replace(student, dataset_dir=str(data))
     tune_id = runner.submit("finetune", student, name=f"{name} · student", depends_on=synth_id)

@@ -1,0 +1,162 @@
+"""Quick start: the whole journey on the sample dataset as one chain of runs sized for a 2-core CPU:
+import -> the bundled SmolLM2 answers (teacher) -> a pruned student learns its answers and logits
+-> student vs teacher report -> LoRA on the labels -> int4 with the quality gate; then the studio
+serves the result, and `report` tells what was gained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipelines.dataset import SAMPLE_DATASET, SAMPLE_SYSTEM_PROMPT, DatasetConfig
+from pipelines.finetune import FinetuneConfig
+from pipelines.quantize import QuantizeConfig
+from studio import distill, store
+from studio.jobs import JobRunner
+
+ORDER = ("dataset", "synthesize", "finetune", "evaluate", "lora", "quantize")
+LABELS = {
+    "dataset": "import the sample dataset",
+    "synthesize": "the bundled SmolLM2 answers (teacher)",
+    "finetune": "a pruned student learns its answers and logits",
+    "evaluate": "student vs teacher",
+    "lora": "LoRA on the labels",
+    "quantize": "int4 with the quality gate",
+}
+# sized for 2 CPU cores: about ten minutes in all (bench/quickstart.py measures it)
+SPEC: dict[str, Any] = {
+    "logits": True,
+    "synthesize": {
+        "task": "classification",
+        "teacher": "bundled",
+        "splits": "train",
+        "max_rows": 64,
+        "max_new_tokens": 5,
+        "temperature": 0.0,
+        "min_success_ratio": 0.3,
+    },
+    "finetune": {
+        "base_model": "bundled",
+        "keep_layers": 10,
+        "method": "full",
+        "max_steps": 16,
+        "batch_size": 8,
+        "learning_rate": 1e-4,
+        "eval_steps": 0,
+    },
+    "evaluate": {"max_rows": 12},
+}
+LORA: dict[str, Any] = {
+    "method": "lora",
+    "max_steps": 24,
+    "batch_size": 8,
+    "learning_rate": 8e-4,
+    "max_seq_len": 256,
+    "eval_steps": 0,
+}
+GATE: dict[str, Any] = {"task": "classification", "max_rows": 12, "max_new_tokens": 5}
+
+
+def submit(runner: JobRunner, name: str = "Quick start") -> dict[str, str]:
+    """Queue the chain; returns the run id of each step (ORDER)."""
+    home = runner.home
+    sample = store.keep_uploads(home, [str(SAMPLE_DATASET)])
+    dataset = DatasetConfig(
+        name="support (quick start)", files=sample, system_prompt=SAMPLE_SYSTEM_PROMPT
+    )
+    dataset_id = runner.submit("dataset", dataset, name=f"{name} · import")
+    data = str(home / "runs" / dataset_id / "out" / "dataset")
+    chain = distill.submit(runner, {**SPEC, "dataset_dir": data}, name=name, depends_on=dataset_id)
+    student = str(home / "runs" / chain["finetune"] / "out" / "model")
+    lora = FinetuneConfig(dataset_dir=data, base_model=student, **LORA)
+    lora_id = runner.submit(
+        "finetune", lora, name=f"{name} · LoRA on the labels", depends_on=chain["evaluate"]
+    )
+    merged = str(home / "runs" / lora_id / "out" / "merged")
+    quantize = QuantizeConfig(model=merged, dataset_dir=data, **GATE)
+    quantize_id = runner.submit(
+        "quantize", quantize, name=f"{name} · int4", depends_on=lora_id
+    )
+    return {"dataset": dataset_id, **chain, "lora": lora_id, "quantize": quantize_id}
+
+
+def state(home: Path, runs: dict[str, str]) -> list[dict[str, Any]]:
+    """Each step of the chain with its run's status, progress and message."""
+    with store.connect(home) as db:
+        rows = {step: store.get_run(db, run_id) for step, run_id in runs.items()}
+    return [
+        {
+            "step": step,
+            "label": LABELS[step],
+            "run_id": runs[step],
+            "status": rows[step]["status"] if rows[step] else "deleted",
+            "progress": (rows[step] or {}).get("progress") or 0.0,
+            "message": (rows[step] or {}).get("error") or (rows[step] or {}).get("message") or "",
+        }
+        for step in ORDER
+        if step in runs
+    ]
+
+
+def onnx_folder(home: Path, runs: dict[str, str]) -> Path | None:
+    """The quantized model, once the chain's last run succeeded."""
+    folder = Path(home) / "runs" / runs["quantize"] / "out" / "onnx"
+    return folder if folder.is_dir() else None
+
+
+def report(home: Path, runs: dict[str, str]) -> dict[str, Any]:
+    """What was gained, from the evaluate and quantize runs: the final int4 student against the
+    bundled teacher (accuracy, decode speed, memory, size)."""
+    with store.connect(home) as db:
+        evaluation = json.loads(store.get_run(db, runs["evaluate"])["summary_json"] or "{}")
+        gate = json.loads(store.get_run(db, runs["quantize"])["summary_json"] or "{}").get(
+            "gate", {}
+        )
+    teacher = evaluation.get("models", {}).get("teacher", {})
+    student = evaluation.get("models", {}).get("student", {})
+    quantized = gate.get("models", {}).get("quantized", {})
+    tuned = gate.get("models", {}).get("source", {})
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a is not None and b else None
+
+    return {
+        "metric": evaluation.get("metric"),
+        "teacher_quality": teacher.get("metric"),
+        "distilled_student_quality": student.get("metric"),
+        "tuned_student_quality": tuned.get("metric"),
+        "final_quality": quantized.get("metric"),
+        "quality_kept_pct": None
+        if ratio(quantized.get("metric"), teacher.get("metric")) is None
+        else round(100 * ratio(quantized.get("metric"), teacher.get("metric")), 1),
+        "decode_tokens_per_s": quantized.get("decode_tokens_per_s"),
+        "teacher_decode_tokens_per_s": teacher.get("tokens_per_s"),
+        "size_mb": quantized.get("size_mb"),
+        "teacher_size_mb": teacher.get("size_mb"),
+        "memory_mb": quantized.get("memory_mb"),
+        "teacher_memory_mb": teacher.get("peak_memory_mb"),
+        "gate_verdict": gate.get("verdict"),
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    def num(value: Any, spec: str = "{:.3g}") -> str:
+        return "n/a" if value is None else spec.format(value)
+
+    speed = ratio_text(r["decode_tokens_per_s"], r["teacher_decode_tokens_per_s"])
+    size = ratio_text(r["teacher_size_mb"], r["size_mb"])
+    return (
+        f"{r['metric']}: teacher {num(r['teacher_quality'])}, distilled student "
+        f"{num(r['distilled_student_quality'])}, after LoRA {num(r['tuned_student_quality'])}, "
+        f"int4 {num(r['final_quality'])} ({num(r['quality_kept_pct'])}% of the teacher's); "
+        f"decode {num(r['decode_tokens_per_s'], '{:.0f}')} tokens/s vs the teacher's "
+        f"{num(r['teacher_decode_tokens_per_s'], '{:.0f}')} ({speed} faster); "
+        f"{num(r['size_mb'], '{:.0f}')} MB vs {num(r['teacher_size_mb'], '{:.0f}')} MB "
+        f"({size} smaller); memory {num(r['memory_mb'], '{:.0f}')} MB vs "
+        f"{num(r['teacher_memory_mb'], '{:.0f}')} MB; quality gate: {r['gate_verdict']}"
+    )
+
+
+def ratio_text(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or not b else f"{a / b:.1f}x"

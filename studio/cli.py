@@ -136,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser(
+        "quickstart",
+        help="the whole journey on the sample dataset (import, distill, LoRA, int4), then serve",
+    )
+    p.add_argument("--port", type=int, default=0, help="serve on this port (default: a free one)")
+    p.add_argument("--no-serve", action="store_true", help="stop after the quantized model")
+    p.set_defaults(func=cmd_quickstart)
+    p = sub.add_parser(
         "bench-endpoint", help="benchmark an OpenAI-compatible endpoint (latency, TTFT, tokens/s)"
     )
     p.add_argument("url", help="base URL, e.g. http://127.0.0.1:8000/v1")
@@ -410,6 +417,39 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     runtime.serve(args.models, host=args.host, port=args.port, api_key=key)
+    return 0
+
+
+def cmd_quickstart(settings: Settings, args: argparse.Namespace) -> int:
+    """Queue the quick start chain, follow each run, print the report, serve the model."""
+    from studio import deploy, quickstart
+
+    runner = JobRunner(settings.home, queues=settings.queues, grace_s=settings.cancel_grace_s)
+    runs = quickstart.submit(runner)
+    owns = runner.start()
+    try:
+        for step in quickstart.ORDER:
+            print(f"--- {quickstart.LABELS[step]} ({runs[step]})", flush=True)
+            code = _follow(settings, runs[step])
+            if code:
+                return code
+    finally:
+        if owns:
+            runner.stop()
+    print("\n" + quickstart.format_report(quickstart.report(settings.home, runs)), flush=True)
+    if args.no_serve:
+        return 0
+    folder = quickstart.onnx_folder(settings.home, runs)
+    server_id = deploy.start_server(settings.home, {"quickstart-int4": str(folder)}, args.port)
+    row = deploy.wait_serving(settings.home, server_id)
+    if row["status"] != "serving":
+        print(f"error: the runtime did not start: {row['error']}", file=sys.stderr)
+        return 1
+    print(
+        f"serving at {deploy.url(row)} as quickstart-int4 (pid {row['pid']}; stop it in the "
+        "Deploy tab or with kill)",
+        flush=True,
+    )
     return 0
 
 

@@ -61,7 +61,10 @@ def submit(
     synth, student, evaluation = plan(spec)
     name = name or f"distill {Path(synth.dataset_dir).parent.parent.name}"
     synth_id = runner.submit(
-        "synthesize", synth, name=f"{name} · teacher answers", secrets=secrets,
+        "synthesize",
+        synth,
+        name=f"{name} · teacher answers",
+        secrets=secrets,
         depends_on=depends_on,
     )
     data = runner.home / "runs" / synth_id / "out" / "dataset"

@@ -8,7 +8,15 @@ from pipelines.dataset import SAMPLE_DATASET
 from studio.chat import ChatClient
 from studio.jobs import JobRunner
 from studio.settings import Settings
-from studio.ui import data_tab, deploy_tab, distill_tab, finetune_tab, quantize_tab, runs_tab
+from studio.ui import (
+    data_tab,
+    deploy_tab,
+    distill_tab,
+    finetune_tab,
+    quantize_tab,
+    quickstart_panel,
+    runs_tab,
+)
 
 INTRO = (
     "# SLMOps Studio\nA small language model's whole life in your browser. Every step runs in "
@@ -21,7 +29,8 @@ def build_app(settings: Settings, runner: JobRunner) -> gr.Blocks:
     """The Blocks UI (not launched); `runner` executes what the tabs submit."""
     with gr.Blocks(title="SLMOps Studio", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
-        with gr.Tabs():
+        panel = quickstart_panel.build(settings.home, runner)
+        with gr.Tabs() as tabs:
             with gr.Tab("Data", id="data"):
                 data_tab.build_tab(settings.home, runner, settings)
             with gr.Tab("Distill", id="distill"):
@@ -31,9 +40,10 @@ def build_app(settings: Settings, runner: JobRunner) -> gr.Blocks:
             with gr.Tab("Quantize", id="quantize"):
                 quantize_tab.build_tab(settings.home, runner)
             with gr.Tab("Deploy", id="deploy"):
-                deploy_tab.build_tab(settings.home, runner, ChatClient(settings.home))
+                deploy = deploy_tab.build_tab(settings.home, runner, ChatClient(settings.home))
             with gr.Tab("Runs", id="runs"):
                 runs_tab.build_tab(settings.home, runner)
+        quickstart_panel.wire(settings.home, runner, panel, tabs, deploy)
     return demo
 
 

@@ -25,16 +25,18 @@ from studio.ui.finetune_tab import model_choices
 SERVER_HEADERS = ["server", "models", "endpoint", "status", "pid", "started"]
 
 
-def build_tab(home: Path, runner: JobRunner, chat: ChatClient) -> None:
-    with gr.Tabs():
+def build_tab(home: Path, runner: JobRunner, chat: ChatClient) -> dict[str, Any]:
+    """The tab; returns its sub-tabs and the playground's model A (the quick start opens them)."""
+    with gr.Tabs() as tabs:
         with gr.Tab("Serve", id="deploy-serve"):
             _serve_section(home, runner)
         with gr.Tab("Playground", id="deploy-playground"):
-            _playground_section(home, chat)
+            model_a = _playground_section(home, chat)
         with gr.Tab("Foundry Local", id="deploy-foundry"):
             _foundry_section(home, runner)
         with gr.Tab("Hugging Face Hub", id="deploy-hub"):
             _hub_section(home, runner)
+    return {"tabs": tabs, "model_a": model_a}
 
 
 # --- serve -----------------------------------------------------------------------------------
@@ -215,7 +217,7 @@ def _served_name(home: Path, path: str) -> str:
 # --- playground ------------------------------------------------------------------------------
 
 
-def _playground_section(home: Path, chat: ChatClient) -> None:
+def _playground_section(home: Path, chat: ChatClient) -> Any:
     gr.Markdown(
         "Chat with any model made here, one or two side by side: ONNX models answer through "
         "the local runtime (started for you), transformers models and adapters through a "
@@ -277,6 +279,7 @@ def _playground_section(home: Path, chat: ChatClient) -> None:
         outputs=[chat_a, chat_b, message],
     )
     clear.click(lambda: ([], [], ""), outputs=[chat_a, chat_b, message])
+    return model_a
 
 
 def playground_choices(home: Path) -> list[tuple[str, str]]:

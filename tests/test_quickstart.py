@@ -1,0 +1,80 @@
+"""Quick start: the chain of six runs it queues (each waiting for the one before, each reading
+the previous one's output), found again after a closed tab, and the panel's status."""
+
+import json
+from pathlib import Path
+
+from studio import quickstart, store
+from studio.jobs import JobRunner
+from studio.ui import quickstart_panel
+
+
+def test_the_chain_waits_step_by_step_and_reads_each_output(home):
+    runner = JobRunner(home)  # not started: the runs stay queued
+    runs = quickstart.submit(runner)
+    assert list(runs) == list(quickstart.ORDER)
+    with store.connect(home) as db:
+        rows = {step: store.get_run(db, run_id) for step, run_id in runs.items()}
+    previous = None
+    for step in quickstart.ORDER:
+        assert rows[step]["status"] == "queued"
+        assert rows[step]["depends_on"] == previous
+        previous = runs[step]
+    config = {step: json.loads(row["config_json"]) for step, row in rows.items()}
+    out = {step: str(home / "runs" / run_id / "out") for step, run_id in runs.items()}
+    data = f"{out['dataset']}/dataset"
+    assert Path(config["dataset"]["files"][0]).is_relative_to(home)  # its own copy
+    assert config["dataset"]["test_ratio"] > 0
+    assert config["synthesize"]["dataset_dir"] == data
+    assert config["synthesize"]["teacher"] == "bundled"
+    assert config["finetune"]["dataset_dir"] == f"{out['synthesize']}/dataset"
+    assert config["finetune"]["keep_layers"] and config["finetune"]["teacher_model"] == "bundled"
+    assert config["evaluate"]["student"] == f"{out['finetune']}/model"
+    assert config["lora"]["base_model"] == f"{out['finetune']}/model"
+    assert config["lora"]["dataset_dir"] == data and config["lora"]["method"] == "lora"
+    assert config["quantize"]["model"] == f"{out['lora']}/merged"
+    assert config["quantize"]["precision"] == "int4" and config["quantize"]["dataset_dir"] == data
+
+    assert quickstart.latest(home) == runs  # a closed tab finds it again
+    steps = quickstart.state(home, runs)
+    assert [s["status"] for s in steps] == ["queued"] * 6
+    assert quickstart.onnx_folder(home, runs) is None
+    runs2, status, report, opened, *_ = quickstart_panel.tick(home, {}, False)
+    assert runs2 == runs and status.count("<b>queued</b>") == 6 and report == "" and not opened
+
+
+def test_the_report_reads_the_evaluation_and_the_gate(home):
+    runner = JobRunner(home)
+    runs = quickstart.submit(runner)
+    evaluation = {
+        "metric": "accuracy",
+        "models": {
+            "teacher": {
+                "metric": 0.1,
+                "tokens_per_s": 10.0,
+                "size_mb": 513.0,
+                "peak_memory_mb": 900.0,
+            },
+            "student": {"metric": 0.05},
+        },
+    }
+    gate = {
+        "verdict": "pass",
+        "models": {
+            "source": {"metric": 0.6},
+            "quantized": {
+                "metric": 0.55,
+                "decode_tokens_per_s": 150.0,
+                "size_mb": 40.0,
+                "memory_mb": 120.0,
+            },
+        },
+    }
+    with store.connect(home) as db:
+        for step, summary in (("evaluate", evaluation), ("quantize", {"gate": gate})):
+            db["runs"].update(runs[step], {"summary_json": json.dumps(summary)})
+    report = quickstart.report(home, runs)
+    assert report["quality_kept_pct"] == 550.0 and report["tuned_student_quality"] == 0.6
+    text = quickstart.format_report(report)
+    assert "teacher 0.1" in text and "int4 0.55" in text and "(15.0x faster)" in text
+    assert "(12.8x smaller)" in text and "quality gate: pass" in text

@@ -484,44 +484,54 @@ def lineage(db: Database, run_id: str) -> dict[str, list[dict[str, Any]]]:
 MEASURING_STEPS = ("evaluate", "benchmark")
 
 
-def ancestry(db: Database, artifact_id: int) -> dict[str, Any]:
-    """How an artifact was made, for its model card and lineage picture: the artifact, the runs
-    that made it and its inputs (oldest first), and the evaluate and benchmark runs that measured
-    it or an ancestor. Configs hold no secrets (they travel in the environment)."""
-    artifact = dict(db["artifacts"].get(artifact_id))
-    runs, seen, made = [], set(), {artifact["id"]}
+def run_chain(db: Database, run_id: str) -> list[dict[str, Any]]:
+    """The run and every run that made its inputs, recursively, oldest first: each with its
+    config, summary and the artifacts it consumed (role, id, kind, name, sha256, meta, made_by)."""
+    runs: list[dict[str, Any]] = []
+    seen: set[str] = set()
 
-    def visit(run_id: str) -> None:
-        if run_id in seen:
+    def visit(current: str) -> None:
+        if current in seen:
             return
-        seen.add(run_id)
+        seen.add(current)
         inputs = list(
             db.query(
                 "select i.role, a.id, a.kind, a.name, a.sha256, a.run_id, a.meta_json "
-                "from run_inputs i join artifacts a on a.id = i.artifact_id where i.run_id = ?",
-                [run_id],
+                "from run_inputs i join artifacts a on a.id = i.artifact_id where i.run_id = ? "
+                "order by a.id",
+                [current],
             )
         )
         for item in inputs:
-            made.add(item["id"])
             visit(item["run_id"])
-        run = get_run(db, run_id)
+        run = get_run(db, current)
         runs.append(
             {
-                "id": run_id,
+                "id": current,
                 "step": run["step"],
                 "name": run["name"],
+                "status": run["status"],
                 "config": json.loads(run["config_json"]),
                 "summary": json.loads(run["summary_json"] or "{}"),
                 "inputs": [
                     {k: item[k] for k in ("role", "id", "kind", "name", "sha256")}
-                    | {"meta": json.loads(item["meta_json"] or "{}")}
+                    | {"meta": json.loads(item["meta_json"] or "{}"), "made_by": item["run_id"]}
                     for item in inputs
                 ],
             }
         )
 
-    visit(artifact["run_id"])
+    visit(run_id)
+    return runs
+
+
+def ancestry(db: Database, artifact_id: int) -> dict[str, Any]:
+    """How an artifact was made, for its model card: the artifact, the runs that made it and its
+    inputs (oldest first), and the evaluate and benchmark runs that measured it or an ancestor.
+    Configs hold no secrets (they travel in the environment)."""
+    artifact = dict(db["artifacts"].get(artifact_id))
+    runs = run_chain(db, artifact["run_id"])
+    made = {artifact["id"]} | {i["id"] for run in runs for i in run["inputs"]}
     marks = ",".join("?" * len(made))
     measured = list(
         db.query(

@@ -28,7 +28,7 @@ def test_the_chain_waits_step_by_step_and_reads_each_output(home):
     assert config["synthesize"]["dataset_dir"] == data
     assert config["synthesize"]["teacher"] == "bundled"
     assert config["finetune"]["dataset_dir"] == f"{out['synthesize']}/dataset"
-    assert config["finetune"]["keep_layers"] and config["finetune"]["teacher_model"] == "bundled"
+    assert config["finetune"]["keep_layers"] == 10
     assert config["evaluate"]["student"] == f"{out['finetune']}/model"
     assert config["lora"]["base_model"] == f"{out['finetune']}/model"
     assert config["lora"]["dataset_dir"] == data and config["lora"]["method"] == "lora"

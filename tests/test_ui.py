@@ -179,3 +179,24 @@ def test_every_event_returns_what_its_outputs_expect(
             assert got == expected, f"{block_fn.name}: {got} values for {expected} outputs"
         checked += 1
     assert checked >= 15
+
+
+def test_compare_marks_differences_and_overlays_curves(home, runner, fake_steps):
+    first = runner.submit("fake", fake_steps.FakeConfig(steps=3), name="a")
+    with store.connect(home) as db:
+        made = store.artifacts(db, run_id=first)[0]
+    second = runner.submit(
+        "fake", fake_steps.FakeConfig(steps=5, input_path=str(home / made["path"])), name="b"
+    )
+    configs, reports, curves, curve = runs_tab.compare(home, [first, second], None)
+    diff = {row["setting"]: row[""] for _, row in configs.iterrows()}
+    assert diff["steps"] == "≠" and diff["input_path"] == "≠" and diff["fail"] == ""
+    assert list(configs["setting"][:2]) == ["input_path", "steps"]  # the differences first
+    assert reports.iloc[0].tolist()[1:] == ["succeeded", "succeeded"]
+    assert set(curves["run"]) == {first, second} and len(curves) == 8
+    assert curve["value"] == "loss"
+    assert runs_tab.compare(home, [first], None)[0] is None  # one run: nothing to compare
+
+    picture = runs_tab.refresh_run(home, second)[-1]
+    node = lambda run_id: "r" + run_id.replace("-", "_")  # noqa: E731
+    assert "```mermaid" in picture and f"{node(first)} -->|text| {node(second)}" in picture

@@ -1,4 +1,5 @@
-"""Runs tab: every run with live status, metrics, log, config, artifacts and lineage."""
+"""Runs tab: every run with live status, metrics, log, config, artifacts and a lineage picture;
+and two to four runs compared (configs, reports, curves)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,24 @@ def build_tab(home: Path, runner: JobRunner) -> None:
             )
         with gr.Tab("Artifacts & lineage"):
             artifacts_md = gr.Markdown()
+        with gr.Tab("Compare"):
+            compared = gr.Dropdown(
+                label="Runs to compare (2 to 4)",
+                choices=run_choices(home),
+                multiselect=True,
+                max_choices=4,
+                elem_id="compare-runs",
+            )
+            compared_curve = gr.Dropdown(
+                label="Curve", choices=[], allow_custom_value=True, elem_id="compare-curve"
+            )
+            compare_plot = gr.LinePlot(x="step", y="value", color="run", height=280)
+            compare_reports = gr.Dataframe(
+                label="Reports: quality, speed, size", interactive=False, elem_id="compare-reports"
+            )
+            compare_configs = gr.Dataframe(
+                label="Configs (≠ marks a difference)", interactive=False, elem_id="compare-configs"
+            )
 
     run_outputs = [
         header,
@@ -86,6 +105,13 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         delete,
     ]
     table.select(select_row, inputs=[table], outputs=[run_id])
+    compared.focus(lambda: gr.update(choices=run_choices(home)), outputs=[compared])
+    for control in (compared, compared_curve):
+        control.change(
+            lambda ids, key: compare(home, ids, key),
+            inputs=[compared, compared_curve],
+            outputs=[compare_configs, compare_reports, compare_plot, compared_curve],
+        )
 
     def show(run_id: str, curve: str) -> tuple:
         run_id = run_id.strip()
@@ -149,6 +175,14 @@ def refresh_run(home: Path, run_id: str | None, curve: str = "loss") -> tuple:
         events = store.last_events(db, run_id)
         outputs = store.artifacts(db, run_id=run_id)
         links = store.lineage(db, run_id)
+        chain = store.run_chain(db, run_id)
+        paths = {str((Path(home) / a["path"]).resolve()) for a in outputs}
+        served = [
+            f"{server['host']}:{server['port']}"
+            for server in store.servers(db, live_only=True)
+            if paths & {str(Path(p).resolve()) for p in server["models"].values()}
+        ]
+    picture = views.lineage_mermaid(chain, links["used_by"], served)
     return (
         _header_md(home, row),
         views.progress_html(row),
@@ -157,7 +191,7 @@ def refresh_run(home: Path, run_id: str | None, curve: str = "loss") -> tuple:
         _log_text(home, row, events),
         json.dumps(json.loads(row["config_json"]), indent=2, ensure_ascii=False),
         cli_command(home, row),
-        _artifacts_md(outputs, links),
+        _artifacts_md(outputs, links) + "\n\n" + picture,
     )
 
 
@@ -198,6 +232,115 @@ def _curve(metric_rows: list[dict[str, Any]], curve: str) -> pd.DataFrame | None
     keys = CURVES.get(curve, ())
     chosen = frame[frame["key"].isin(keys)] if keys else frame
     return chosen if len(chosen) else frame
+
+
+# the figures the Compare table shows, looked for in a summary, its gate and its ratios
+REPORT_KEYS = (
+    "verdict",
+    "metric",
+    "quality_kept_pct",
+    "gain_over_base",
+    "eval_loss",
+    "train_loss",
+    "perplexity",
+    "success_ratio",
+    "speedup",
+    "time_saved_pct",
+    "tokens_per_s",
+    "decode_tokens_per_s",
+    "ttft_p95_s",
+    "latency_p95_s",
+    "memory_saved_pct",
+    "peak_memory_mb",
+    "size_ratio",
+    "size_saved_pct",
+    "rows_kept",
+    "steps",
+    "train_seconds",
+)
+
+
+def run_choices(home: Path) -> list[tuple[str, str]]:
+    with store.connect(home) as db:
+        rows = store.list_runs(db, limit=200)
+    return [(f"{r['id']} · {r['step']} · {r['name']} · {r['status']}", r["id"]) for r in rows]
+
+
+def compare(home: Path, run_ids: list[str] | None, curve: str | None) -> tuple:
+    """Two to four runs side by side: configs with the differences marked, their reports in
+    one table, and one metric's curves overlaid."""
+    run_ids = list(run_ids or [])[:4]
+    if len(run_ids) < 2:
+        return None, None, None, gr.update(choices=[])
+    with store.connect(home) as db:
+        rows = [store.get_run(db, r) for r in run_ids]
+        metric_rows = {r: store.metrics(db, r) for r in run_ids}
+    configs = [_flat(json.loads(row["config_json"])) for row in rows]
+    keys = sorted(set().union(*configs))
+    config_rows = [
+        ["≠" if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1 else "", k]
+        + [_cell(c.get(k)) for c in configs]
+        for k in keys
+    ]
+    config_rows.sort(key=lambda r: r[0] != "≠")  # the differences first
+    headers = [f"{row['id']} ({row['step']})" for row in rows]
+    summaries = [_report_values(json.loads(row["summary_json"] or "{}")) for row in rows]
+    report_rows = [["status", *(row["status"] for row in rows)]] + [
+        [k, *(_cell(s.get(k)) for s in summaries)]
+        for k in REPORT_KEYS
+        if any(k in s for s in summaries)
+    ]
+    names = sorted({m["key"] for ms in metric_rows.values() for m in ms})
+    chosen = (
+        curve
+        if curve in names
+        else next((k for k in ("loss", "eval_loss") if k in names), names[0] if names else None)
+    )
+    curves = pd.DataFrame(
+        [
+            {"step": m["step"], "value": m["value"], "run": run_id}
+            for run_id, ms in metric_rows.items()
+            for m in ms
+            if m["key"] == chosen
+        ],
+        columns=["step", "value", "run"],
+    )
+    return (
+        pd.DataFrame(config_rows, columns=["", "setting", *headers]),
+        pd.DataFrame(report_rows, columns=["figure", *headers]),
+        curves if len(curves) else None,
+        gr.update(choices=names, value=chosen),
+    )
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys; the lineage a publish run carries is left out."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if key == "lineage":
+            continue
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _report_values(summary: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for part in (summary, summary.get("gate") or {}, summary.get("ratios") or {}):
+        for key in REPORT_KEYS:
+            if key in part and not isinstance(part[key], (dict, list)):
+                found.setdefault(key, part[key])
+    return found
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)[:80]
+    return "" if value is None else str(value)[:80]
 
 
 def cli_command(home: Path, row: dict[str, Any]) -> str:

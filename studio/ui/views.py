@@ -314,3 +314,34 @@ def number(value: Any, spec: str = "{:.3g}") -> str:
 
 def cell(text: str) -> str:
     return html.escape(str(text)).replace("|", "\\|").replace("\n", " ")
+
+
+def lineage_mermaid(
+    chain: list[dict[str, Any]], used_by: list[dict[str, Any]], served: list[str]
+) -> str:
+    """A picture (Mermaid) of how a run's outputs were made: the runs before it linked by the
+    artifacts they passed on, then the runs that used its outputs and where it is served."""
+    if not chain:
+        return ""
+
+    def node(run_id: str) -> str:
+        return "r" + run_id.replace("-", "_")
+
+    def text(value: str) -> str:
+        return html.escape(value or "", quote=True).replace("#", "#35;")[:60]
+
+    this = chain[-1]["id"]
+    lines = ["```mermaid", "graph LR"]
+    for run in chain:
+        lines.append(f'  {node(run["id"])}["{run["step"]}<br/>{text(run["name"])}"]')
+        for item in run["inputs"]:
+            lines.append(f"  {node(item['made_by'])} -->|{item['kind']}| {node(run['id'])}")
+    for use in used_by:
+        lines.append(f'  {node(use["run_id"])}["{use["step"]}<br/>{use["status"]}"]')
+        lines.append(f"  {node(this)} -->|{use['role']}| {node(use['run_id'])}")
+    for n, where in enumerate(served):
+        lines.append(f'  served{n}(["served at {text(where)}"])')
+        lines.append(f"  {node(this)} --> served{n}")
+    lines.append(f"  style {node(this)} stroke-width:3px")
+    lines.append("```")
+    return "\n".join(lines)

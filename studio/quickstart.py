@@ -128,36 +128,32 @@ def onnx_folder(home: Path, runs: dict[str, str]) -> Path | None:
 
 
 def report(home: Path, runs: dict[str, str]) -> dict[str, Any]:
-    """What was gained, from the evaluate and quantize runs: the final int4 student against the
-    bundled teacher (accuracy, decode speed, memory, size)."""
+    """What was gained, each figure from the run that measured it side by side: accuracy of
+    teacher, student, tuned student and int4 model on the same held-out rows; distillation's
+    time and memory saved (student vs teacher); quantization's speed-up and memory saved (int4 vs
+    the fp32 student); size on disk of the teacher and of the int4 model."""
     with store.connect(home) as db:
         evaluation = json.loads(store.get_run(db, runs["evaluate"])["summary_json"] or "{}")
-        gate = json.loads(store.get_run(db, runs["quantize"])["summary_json"] or "{}").get(
-            "gate", {}
-        )
-    teacher = evaluation.get("models", {}).get("teacher", {})
-    student = evaluation.get("models", {}).get("student", {})
-    quantized = gate.get("models", {}).get("quantized", {})
-    tuned = gate.get("models", {}).get("source", {})
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return round(a / b, 3) if a is not None and b else None
-
+        quantized = json.loads(store.get_run(db, runs["quantize"])["summary_json"] or "{}")
+    gate = quantized.get("gate", {})
+    models = evaluation.get("models", {})
+    ratios = evaluation.get("ratios", {})
+    final = gate.get("models", {}).get("quantized", {})
     return {
         "metric": evaluation.get("metric"),
-        "teacher_quality": teacher.get("metric"),
-        "distilled_student_quality": student.get("metric"),
-        "tuned_student_quality": tuned.get("metric"),
-        "final_quality": quantized.get("metric"),
-        "quality_kept_pct": None
-        if ratio(quantized.get("metric"), teacher.get("metric")) is None
-        else round(100 * ratio(quantized.get("metric"), teacher.get("metric")), 1),
-        "decode_tokens_per_s": quantized.get("decode_tokens_per_s"),
-        "teacher_decode_tokens_per_s": teacher.get("tokens_per_s"),
-        "size_mb": quantized.get("size_mb"),
-        "teacher_size_mb": teacher.get("size_mb"),
-        "memory_mb": quantized.get("memory_mb"),
-        "teacher_memory_mb": teacher.get("peak_memory_mb"),
+        "rows": evaluation.get("rows"),
+        "teacher_quality": models.get("teacher", {}).get("metric"),
+        "distilled_student_quality": models.get("student", {}).get("metric"),
+        "tuned_student_quality": gate.get("models", {}).get("source", {}).get("metric"),
+        "final_quality": final.get("metric"),
+        "distill_time_saved_pct": ratios.get("time_saved_pct"),
+        "distill_memory_saved_pct": ratios.get("memory_saved_pct"),
+        "int4_quality_kept_pct": gate.get("quality_kept_pct"),
+        "int4_speedup": gate.get("speedup"),
+        "int4_memory_saved_pct": gate.get("memory_saved_pct"),
+        "decode_tokens_per_s": final.get("decode_tokens_per_s"),
+        "size_mb": final.get("size_mb"),
+        "teacher_size_mb": models.get("teacher", {}).get("size_mb"),
         "gate_verdict": gate.get("verdict"),
     }
 
@@ -166,19 +162,20 @@ def format_report(r: dict[str, Any]) -> str:
     def num(value: Any, spec: str = "{:.3g}") -> str:
         return "n/a" if value is None else spec.format(value)
 
-    speed = ratio_text(r["decode_tokens_per_s"], r["teacher_decode_tokens_per_s"])
-    size = ratio_text(r["teacher_size_mb"], r["size_mb"])
-    return (
-        f"{r['metric']}: teacher {num(r['teacher_quality'])}, distilled student "
-        f"{num(r['distilled_student_quality'])}, after LoRA {num(r['tuned_student_quality'])}, "
-        f"int4 {num(r['final_quality'])} ({num(r['quality_kept_pct'])}% of the teacher's); "
-        f"decode {num(r['decode_tokens_per_s'], '{:.0f}')} tokens/s vs the teacher's "
-        f"{num(r['teacher_decode_tokens_per_s'], '{:.0f}')} ({speed} faster); "
-        f"{num(r['size_mb'], '{:.0f}')} MB vs {num(r['teacher_size_mb'], '{:.0f}')} MB "
-        f"({size} smaller); memory {num(r['memory_mb'], '{:.0f}')} MB vs "
-        f"{num(r['teacher_memory_mb'], '{:.0f}')} MB; quality gate: {r['gate_verdict']}"
+    smaller = (
+        f"{r['teacher_size_mb'] / r['size_mb']:.1f}x smaller"
+        if r["size_mb"] and r["teacher_size_mb"]
+        else "n/a"
     )
-
-
-def ratio_text(a: float | None, b: float | None) -> str:
-    return "n/a" if a is None or not b else f"{a / b:.1f}x"
+    return (
+        f"{r['metric']} on {r['rows']} held-out rows: teacher {num(r['teacher_quality'])}, "
+        f"distilled student {num(r['distilled_student_quality'])}, after LoRA "
+        f"{num(r['tuned_student_quality'])}, int4 {num(r['final_quality'])}. "
+        f"Distillation: {num(r['distill_time_saved_pct'])}% less time per answer, "
+        f"{num(r['distill_memory_saved_pct'])}% less memory than the teacher. "
+        f"int4: {num(r['int4_quality_kept_pct'])}% of the fp32 student's quality, "
+        f"{num(r['int4_speedup'])}x its decode speed ({num(r['decode_tokens_per_s'], '{:.0f}')} "
+        f"tokens/s), {num(r['int4_memory_saved_pct'])}% less memory; "
+        f"{num(r['size_mb'], '{:.0f}')} MB on disk against the teacher's "
+        f"{num(r['teacher_size_mb'], '{:.0f}')} MB ({smaller}). Quality gate: {r['gate_verdict']}."
+    )

@@ -77,3 +77,31 @@ def test_the_report_reads_the_evaluation_and_the_gate(home):
         "Quality gate: pass",
     ):
         assert fact in text, fact
+
+
+def test_at_the_end_the_model_is_served_and_the_playground_opens(home, tiny_onnx):
+    import shutil
+
+    from studio import deploy
+
+    runs = quickstart.submit(JobRunner(home))
+    with store.connect(home) as db:
+        for step in quickstart.ORDER:  # the chain as it ends
+            store.set_status(db, runs[step], "running")
+            store.set_status(db, runs[step], "succeeded", summary_json="{}")
+    shutil.copytree(tiny_onnx, home / "runs" / runs["quantize"] / "out" / "onnx")
+    try:
+        _, status, report, opened, tabs, deploy_tabs, model_a = quickstart_panel.tick(
+            home, runs, False
+        )
+        folder = quickstart.onnx_folder(home, runs)
+        row, name = deploy.serving(home, str(folder))
+        assert name == quickstart_panel.SERVED_NAME and row["status"] == "serving"
+        assert deploy.url(row) in report and "What was gained" in report and opened
+        assert tabs.selected == "deploy" and deploy_tabs.selected == "deploy-playground"
+        assert model_a["value"] == str(folder)
+        again = quickstart_panel.tick(home, runs, True)  # later ticks leave the tabs alone
+        assert again[3] is True and len(deploy.refresh(home)) == 1
+    finally:
+        for server in deploy.refresh(home):
+            deploy.stop_server(home, server["id"])

@@ -104,6 +104,17 @@ def wait_serving(home: Path, server_id: int, timeout: float = 60.0) -> dict[str,
         time.sleep(0.2)
 
 
+def ever_served(home: Path, path: str) -> bool:
+    """Was the folder at `path` served here before (by any server, running or not)?"""
+    target = str(Path(path).resolve())
+    with store.connect(home) as db:
+        return any(
+            str(Path(p).resolve()) == target
+            for row in store.servers(db)
+            for p in row["models"].values()
+        )
+
+
 def url(row: dict[str, Any]) -> str:
     return f"http://{row['host']}:{row['port']}/v1"
 

@@ -102,6 +102,9 @@ def test_at_the_end_the_model_is_served_and_the_playground_opens(home, tiny_onnx
         assert model_a["value"] == str(folder)
         again = quickstart_panel.tick(home, runs, True)  # later ticks leave the tabs alone
         assert again[3] is True and len(deploy.refresh(home)) == 1
+        deploy.stop_server(home, row["id"])  # stopped by the user: not started again
+        later = quickstart_panel.tick(home, runs, False)
+        assert "start it again" in later[2] and deploy.serving(home, str(folder)) is None
     finally:
         for server in deploy.refresh(home):
             deploy.stop_server(home, server["id"])

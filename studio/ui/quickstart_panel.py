@@ -67,6 +67,16 @@ def tick(home: Path, runs: dict[str, str], was_open: bool) -> tuple:
     if folder is None or steps[-1]["status"] != "succeeded":
         return (runs, status_html(home, runs), "", was_open, *(gr.skip(),) * 3)
     served = deploy.serving(home, str(folder))
+    if served is None and deploy.ever_served(home, str(folder)):
+        return (  # served once and stopped since: the user decides now (Deploy -> Serve)
+            runs,
+            status_html(home, runs),
+            "### What was gained\n\n"
+            + quickstart.format_report(quickstart.report(home, runs))
+            + "\n\nIts server was stopped; start it again in **Deploy → Serve**.",
+            True,
+            *(gr.skip(),) * 3,
+        )
     if served is None:
         try:
             server_id = deploy.start_server(home, {SERVED_NAME: str(folder)})

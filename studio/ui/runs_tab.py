@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from pipelines import STEPS
-from studio import store
+from studio import deploy, store
 from studio.jobs import JobRunner, resumable
 from studio.ui import views
 
@@ -177,11 +177,12 @@ def refresh_run(home: Path, run_id: str | None, curve: str = "loss") -> tuple:
         links = store.lineage(db, run_id)
         chain = store.run_chain(db, run_id)
         paths = {str((Path(home) / a["path"]).resolve()) for a in outputs}
-        served = [
-            f"{server['host']}:{server['port']}"
-            for server in store.servers(db, live_only=True)
-            if paths & {str(Path(p).resolve()) for p in server["models"].values()}
-        ]
+    served = [  # refreshed: a server whose process is gone is not shown as serving
+        f"{server['host']}:{server['port']}"
+        for server in deploy.refresh(home)
+        if server["status"] in store.SERVER_LIVE
+        and paths & {str(Path(p).resolve()) for p in server["models"].values()}
+    ]
     picture = views.lineage_mermaid(chain, links["used_by"], served)
     return (
         _header_md(home, row),

@@ -24,7 +24,7 @@ LABELS = {
     "lora": "LoRA on the labels",
     "quantize": "int4 with the quality gate",
 }
-# sized for 2 CPU cores: about 12 minutes in all (bench/quickstart.py measures it)
+# sized for 2 CPU cores: 12 to 14 minutes in all (bench/quickstart.py measures it)
 SPEC: dict[str, Any] = {
     "logits": False,  # the teacher's logits cost a 30-layer forward per step: answers only here
     # the bundled model is no classifier (5% of its answers name a label): it teaches the

@@ -24,7 +24,7 @@ def build(home: Path, runner: JobRunner) -> dict[str, Any]:
         gr.Markdown(
             "Imports the sample dataset (360 support messages), lets the bundled SmolLM2-135M "
             "teach a pruned 10-layer student, finetunes it with LoRA, quantizes it to int4, "
-            "serves it and opens it in the Playground. About 12 minutes on a 2-core CPU; "
+            "serves it and opens it in the Playground. About 13 minutes on a 2-core CPU; "
             "every step also shows in the **Runs** tab, and closing the page stops nothing."
         )
         start = gr.Button("Quick start", variant="primary", elem_id="quickstart")

@@ -162,3 +162,42 @@ def test_deploy_serve_chat_and_package_in_the_browser(made_onnx, home, browser):
 
         for row in deploy.refresh(home):
             deploy.stop_server(home, row["id"])
+
+
+def test_quick_start_shows_its_steps_and_a_run_is_canceled(tmp_path, browser):
+    """Press Quick start, see the six steps, cancel the import from the Runs tab: the chain
+    stops (the next runs fail, naming the canceled one) and nothing is left running."""
+    from playwright.sync_api import expect
+
+    from studio import quickstart, store
+
+    home, port = tmp_path / "home", _free_port()
+    app = _start_app(home, port)
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.locator("#quickstart").click()
+        status = page.locator("#quickstart-status")
+        expect(status).to_contain_text("import the sample dataset", timeout=15_000)
+        expect(status).to_contain_text("int4 with the quality gate")
+        runs = quickstart.latest(home)
+        page.get_by_role("tab", name="Runs").click()
+        box = page.locator("#runs-selected textarea, #runs-selected input").first
+        box.fill(runs["synthesize"])
+        box.press("Enter")
+        expect(page.locator("#run-header")).to_contain_text("teacher answers", timeout=10_000)
+        page.get_by_role("button", name="Cancel").click()
+        with store.connect(home) as db:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                statuses = {s: store.get_run(db, r)["status"] for s, r in runs.items()}
+                if all(v in store.TERMINAL for v in statuses.values()):
+                    break
+                time.sleep(0.5)
+        assert statuses["synthesize"] == "canceled"
+        assert {statuses[s] for s in ("finetune", "evaluate", "lora", "quantize")} == {"failed"}
+        expect(page.locator("#run-progress")).to_contain_text("canceled", timeout=10_000)
+        page.close()
+    finally:
+        app.terminate()
+        app.wait(10)

@@ -165,8 +165,8 @@ def test_deploy_serve_chat_and_package_in_the_browser(made_onnx, home, browser):
 
 
 def test_quick_start_shows_its_steps_and_a_run_is_canceled(tmp_path, browser):
-    """Press Quick start, see the six steps, cancel the import from the Runs tab: the chain
-    stops (the next runs fail, naming the canceled one) and nothing is left running."""
+    """Press Quick start, see the six steps, cancel the teacher run from the Runs tab: the chain
+    stops (the next runs fail, naming the canceled one); then compare two of its runs."""
     from playwright.sync_api import expect
 
     from studio import quickstart, store
@@ -197,6 +197,13 @@ def test_quick_start_shows_its_steps_and_a_run_is_canceled(tmp_path, browser):
         assert statuses["synthesize"] == "canceled"
         assert {statuses[s] for s in ("finetune", "evaluate", "lora", "quantize")} == {"failed"}
         expect(page.locator("#run-progress")).to_contain_text("canceled", timeout=10_000)
+        page.get_by_role("tab", name="Compare").click()  # the two runs of the chain side by side
+        for step in ("finetune", "lora"):
+            page.locator("#compare-runs input").click()
+            page.get_by_role("option", name=runs[step]).first.click()
+        expect(page.locator("#compare-configs")).to_contain_text("≠", timeout=10_000)
+        expect(page.locator("#compare-configs")).to_contain_text("base_model")
+        expect(page.locator("#compare-reports")).to_contain_text("failed")
         page.close()
     finally:
         app.terminate()

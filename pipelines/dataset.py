@@ -285,6 +285,8 @@ def format_report(stats: dict[str, Any]) -> str:
         f"rows read: {stats['rows_read']}, kept: {stats['rows_kept']}, "
         f"dropped: {sum(stats['dropped'].values())}  (shape: {stats['shape']})"
     ]
+    if stats.get("stopped_at_max_rows"):
+        lines.append(f"stopped after {stats['stopped_at_max_rows']} rows (Max rows); more follow")
     for reason, n in stats["dropped"].items():
         examples = "; ".join(f"{e['where']}: {e['detail']}" for e in stats["drop_examples"][reason])
         lines.append(f"  dropped {n} {reason.replace('_', ' ')}: {examples}")
@@ -844,7 +846,7 @@ def _normalize_all(
     role_counts: Counter[str] = Counter()
     turns: Counter[int] = Counter()
     mapped: dict[str, tuple[str, dict[str, str]]] = {}
-    read, reported = 0, 0
+    read, reported, stopped = 0, 0, False
     batch: list[tuple[str, dict[str, Any], str | None]] = []
 
     def drop(reason: str, where: str, detail: str) -> None:
@@ -878,6 +880,7 @@ def _normalize_all(
     with out.open("w", encoding="utf-8") as f:
         for source, where, row, fraction in _rows(config, sources):
             if config.max_rows and read >= config.max_rows:
+                stopped = True
                 break
             read += 1
             if isinstance(row, _Malformed):
@@ -910,6 +913,7 @@ def _normalize_all(
     stats = {
         "name": config.name,
         "rows_read": read,
+        "stopped_at_max_rows": config.max_rows if stopped else 0,
         "rows_kept": kept,
         "dropped": {r: dropped[r] for r in DROP_REASONS if dropped[r]},
         "drop_examples": {r: examples[r] for r in DROP_REASONS if dropped[r]},

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from studio.jobs import PROJECT_ROOT
+from studio.settings import child_environ
 
 
 class ChatError(Exception):
@@ -71,13 +72,12 @@ class ChatClient:
 
     def _process(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
-            env = {
-                **os.environ,
-                "STUDIO_HOME": str(self.home.resolve()),
-                "PYTHONPATH": os.pathsep.join(
+            env = child_environ(
+                STUDIO_HOME=str(self.home.resolve()),
+                PYTHONPATH=os.pathsep.join(
                     filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
                 ),
-            }
+            )
             log = open(self.home / "chat.log", "ab")  # noqa: SIM115 - the child keeps it
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "pipelines.chat"],

@@ -20,8 +20,9 @@ import httpx
 import psutil
 
 from pipelines.onnx_model import is_onnx_folder
-from studio import store
+from studio import quota, store
 from studio.jobs import PROJECT_ROOT
+from studio.settings import Limits, child_environ
 
 API_KEY_ENV = "STUDIO_RUNTIME_API_KEY"  # as studio.runtime reads it (not imported: no onnx here)
 
@@ -30,11 +31,31 @@ class DeployError(Exception):
     """Something the user can fix (a busy port, a model that is not ONNX); shown as is."""
 
 
-def start_server(home: Path, models: dict[str, str], port: int = 0, api_key: str = "") -> int:
+def start_server(
+    home: Path,
+    models: dict[str, str],
+    port: int = 0,
+    api_key: str = "",
+    owner: str | None = None,
+    limits: Limits | None = None,
+) -> int:
     """Start `slmops serve` for `models` (name -> ONNX folder) in its own session; the row's
-    status moves from starting to serving once /health answers (see `refresh`)."""
+    status moves from starting to serving once /health answers (see `refresh`). A hosted
+    studio's `owner` serves only their own models, and at most `limits.servers` at once."""
     if not models:
         raise DeployError("Pick at least one ONNX model to serve (quantize one first).")
+    if limits is not None and owner is not None:
+        live = [s for s in refresh(home, owner) if s["status"] in store.SERVER_LIVE]
+        if limits.servers and len(live) >= limits.servers:
+            raise DeployError(
+                f"You serve {len(live)} model{'s' * (len(live) != 1)} already, and this shared "
+                f"studio allows {limits.servers} per user: stop one in Deploy → Serve first."
+            )
+        with store.connect(home) as db:
+            try:
+                quota.check_paths(db, Path(home), owner, models)
+            except PermissionError as e:
+                raise DeployError(str(e)) from e
     for name, path in models.items():
         if not is_onnx_folder(Path(path)):
             raise DeployError(
@@ -49,7 +70,7 @@ def start_server(home: Path, models: dict[str, str], port: int = 0, api_key: str
     log_path = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{port}.log"
     command = [sys.executable, "-m", "studio.cli", "serve", "--host", host, "--port", str(port)]
     command += [f"{name}={path}" for name, path in models.items()]
-    env = {**os.environ, API_KEY_ENV: api_key}
+    env = child_environ(**{API_KEY_ENV: api_key})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
@@ -62,13 +83,16 @@ def start_server(home: Path, models: dict[str, str], port: int = 0, api_key: str
         )
     _children[proc.pid] = proc
     with store.connect(home) as db:
-        server_id = store.add_server(db, models, host, port, bool(api_key), str(log_path))
+        server_id = store.add_server(
+            db, models, host, port, bool(api_key), str(log_path), owner=owner or ""
+        )
         db["servers"].update(server_id, {"pid": proc.pid})
     return server_id
 
 
-def refresh(home: Path) -> list[dict[str, Any]]:
-    """The servers, newest first, with starting/serving/stopped/failed brought up to date."""
+def refresh(home: Path, owner: str | None = None) -> list[dict[str, Any]]:
+    """The servers (the owner's only, when given), newest first, with starting/serving/stopped/
+    failed brought up to date."""
     with store.connect(home) as db:
         for row in store.servers(db, live_only=True):
             if not _alive(row["pid"]):
@@ -79,14 +103,14 @@ def refresh(home: Path) -> list[dict[str, Any]]:
                     store.set_server(db, row["id"], "stopped", error="its process is gone")
             elif row["status"] == "starting" and _healthy(row):
                 store.set_server(db, row["id"], "serving")
-        return store.servers(db)
+        return store.servers(db, owner=owner)
 
 
-def stop_server(home: Path, server_id: int) -> bool:
+def stop_server(home: Path, server_id: int, owner: str | None = None) -> bool:
     """Ask the runtime to stop (SIGTERM to its process group); it exits within a few seconds."""
     with store.connect(home) as db:
         row = db["servers"].get(server_id)
-        if row["status"] not in store.SERVER_LIVE:
+        if row["status"] not in store.SERVER_LIVE or owner not in (None, row["owner"]):
             return False
         if _alive(row["pid"]):
             with contextlib.suppress(ProcessLookupError, PermissionError):

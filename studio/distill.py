@@ -55,21 +55,26 @@ def submit(
     name: str = "",
     secrets: dict[str, str] | None = None,
     depends_on: str | None = None,
+    owner: str | None = None,
 ) -> dict[str, str]:
     """Queue the chain (after `depends_on`, e.g. the import of its dataset); returns the run id
     of each step."""
     synth, student, evaluation = plan(spec)
     name = name or f"distill {Path(synth.dataset_dir).parent.parent.name}"
+    runner.check(owner, [("synthesize", synth), ("finetune", student), ("evaluate", evaluation)])
     synth_id = runner.submit(
         "synthesize",
         synth,
         name=f"{name} · teacher answers",
         secrets=secrets,
         depends_on=depends_on,
+        owner=owner,
     )
     data = runner.home / "runs" / synth_id / "out" / "dataset"
     student = dataclasses.replace(student, dataset_dir=str(data))
-    tune_id = runner.submit("finetune", student, name=f"{name} · student", depends_on=synth_id)
+    tune_id = runner.submit(
+        "finetune", student, name=f"{name} · student", depends_on=synth_id, owner=owner
+    )
     out = runner.home / "runs" / tune_id / "out"
     evaluation = dataclasses.replace(
         evaluation,
@@ -78,6 +83,11 @@ def submit(
         student_base=str(out / "student_base") if student.keep_layers else student.base_model,
     )
     evaluate_id = runner.submit(
-        "evaluate", evaluation, name=f"{name} · report", depends_on=tune_id, secrets=secrets
+        "evaluate",
+        evaluation,
+        name=f"{name} · report",
+        depends_on=tune_id,
+        secrets=secrets,
+        owner=owner,
     )
     return {"synthesize": synth_id, "finetune": tune_id, "evaluate": evaluate_id}

@@ -23,8 +23,8 @@ import psutil
 
 from pipelines import STEPS
 from pipelines.base import CHECKPOINT_DIR, config_from_dict, config_to_dict
-from studio import store, worker
-from studio.settings import DEFAULT_QUEUES
+from studio import quota, store, worker
+from studio.settings import DEFAULT_QUEUES, Limits, child_environ
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +42,10 @@ class JobRunner:
         inline: bool = False,
         grace_s: float = 30.0,
         poll_s: float = 0.5,
+        limits: Limits | None = None,
     ):
         self.home = Path(home).resolve()
+        self.limits = limits  # hosted mode: each owner's runs stay within these
         self.queues = dict(queues or DEFAULT_QUEUES)
         self.inline, self.grace_s, self.poll_s = inline, grace_s, poll_s
         self._procs: dict[str, subprocess.Popen | int] = {}  # run id -> child, or adopted pid
@@ -65,28 +67,35 @@ class JobRunner:
         depends_on: str | None = None,
         resumed_from: str | None = None,
         secrets: dict[str, str] | None = None,
+        owner: str | None = None,
     ) -> str:
         """Record a queued run and wake the runner; returns the run id at once.
 
         `secrets` (API keys) reach the run's process as environment variables; they are held
-        in this runner's memory only, never written to the database or the run folder."""
+        in this runner's memory only, never written to the database or the run folder.
+        `owner` (hosted mode) is the signed-in user: their limits and files are checked
+        (quota.LimitReached, PermissionError)."""
         if step not in STEPS:
             raise ValueError(f"unknown step {step!r}; steps are {', '.join(STEPS)}")
+        values = config_to_dict(config)
         with store.connect(self.home) as db:
-            if depends_on and store.get_run(db, depends_on) is None:
+            if depends_on and store.get_run(db, depends_on, owner) is None:
                 raise ValueError(f"depends_on: no run {depends_on!r}")
+            if self.limits is not None and owner is not None:
+                values = quota.check_submit(db, self.home, self.limits, owner, step, values)
             run_id = store.create_run(
                 db,
                 step,
-                config_to_dict(config),
+                values,
                 queue=config.queue,
                 name=name,
                 depends_on=depends_on,
                 resumed_from=resumed_from,
+                owner=owner or "",
             )
             run_dir = self.home / "runs" / run_id
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+            (run_dir / "config.json").write_text(json.dumps(values, indent=2))
             if secrets:
                 self._secrets[run_id] = dict(secrets)
             if self.inline:
@@ -94,9 +103,22 @@ class JobRunner:
         self._wake.set()
         return run_id
 
-    def cancel(self, run_id: str) -> str:
-        """Cancel a queued run at once, or ask a running one to stop; returns what happened."""
+    def check(self, owner: str | None, runs: list[tuple[str, Any]], room: int = 0) -> None:
+        """Before a chain is queued: raise what `submit` would for any of its (step, config)
+        runs, and unless `room` runs fit; a chain is queued whole or not at all."""
+        if self.limits is not None and owner is not None:
+            with store.connect(self.home) as db:
+                quota.check_room(db, self.limits, owner, room or len(runs))
+                for step, config in runs:
+                    values = config_to_dict(config)
+                    quota.check_submit(db, self.home, self.limits, owner, step, values, 0)
+
+    def cancel(self, run_id: str, owner: str | None = None) -> str:
+        """Cancel a queued run at once, or ask a running one to stop; returns what happened
+        ('unknown' for a run that is not the owner's)."""
         with store.connect(self.home) as db:
+            if store.get_run(db, run_id, owner) is None:
+                return "unknown"
             if store.set_status(
                 db, run_id, "canceled", only_from=("queued",), message="canceled before it started"
             ):
@@ -108,25 +130,32 @@ class JobRunner:
                 return "stopping"
         return "finished"
 
-    def rerun(self, run_id: str) -> str:
+    def rerun(self, run_id: str, owner: str | None = None) -> str:
         """A new run with the same step, config, name and dependency."""
         with store.connect(self.home) as db:
-            row = store.get_run(db, run_id)
+            row = store.get_run(db, run_id, owner)
         if row is None:
             raise ValueError(f"no run {run_id!r}")
         config = config_of(row)
-        return self.submit(row["step"], config, name=row["name"], depends_on=row["depends_on"])
+        return self.submit(
+            row["step"], config, name=row["name"], depends_on=row["depends_on"], owner=owner
+        )
 
-    def resume(self, run_id: str) -> str:
+    def resume(self, run_id: str, owner: str | None = None) -> str:
         """Continue a stopped run from its last checkpoint, as a new run."""
         with store.connect(self.home) as db:
-            row = store.get_run(db, run_id)
+            row = store.get_run(db, run_id, owner)
         if row is None or not resumable(self.home, row):
             raise ValueError(f"run {run_id} has no checkpoint to resume from")
-        return self.submit(row["step"], config_of(row), name=row["name"], resumed_from=run_id)
+        return self.submit(
+            row["step"], config_of(row), name=row["name"], resumed_from=run_id, owner=owner
+        )
 
-    def delete(self, run_id: str) -> bool:
+    def delete(self, run_id: str, owner: str | None = None) -> bool:
+        """Delete a finished run and its files; False if it is active (or not the owner's)."""
         with store.connect(self.home) as db:
+            if store.get_run(db, run_id, owner) is None:
+                return False
             return store.mark_deleted(db, self.home, run_id)
 
     def wait(self, run_id: str, timeout: float = 60.0) -> dict[str, Any]:
@@ -232,15 +261,14 @@ class JobRunner:
             return False  # canceled meanwhile
         run_dir = self.home / "runs" / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
-        env = {
-            **os.environ,
-            "STUDIO_HOME": str(self.home),
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(
+        env = child_environ(
+            STUDIO_HOME=str(self.home),
+            PYTHONUNBUFFERED="1",
+            PYTHONPATH=os.pathsep.join(
                 filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
             ),
             **self._secrets.pop(run_id, {}),
-        }
+        )
         try:
             with open(run_dir / "log.txt", "ab") as log_file:
                 proc = subprocess.Popen(

@@ -59,10 +59,13 @@ LORA: dict[str, Any] = {
 GATE: dict[str, Any] = {"task": "classification", "max_rows": 12, "max_new_tokens": 5}
 
 
-def submit(runner: JobRunner, name: str = "Quick start") -> dict[str, str]:
+def submit(
+    runner: JobRunner, name: str = "Quick start", owner: str | None = None
+) -> dict[str, str]:
     """Queue the chain; returns the run id of each step (ORDER)."""
     home = runner.home
-    sample = store.keep_uploads(home, [str(SAMPLE_DATASET)])
+    runner.check(owner, [], room=len(ORDER))
+    sample = store.keep_uploads(home, [str(SAMPLE_DATASET)], owner or "")
     dataset = DatasetConfig(
         name="support (quick start)",
         files=sample,
@@ -71,28 +74,35 @@ def submit(runner: JobRunner, name: str = "Quick start") -> dict[str, str]:
         validation_ratio=0.1,
         test_ratio=0.1,  # the held-out rows of the report and the quality gate
     )
-    dataset_id = runner.submit("dataset", dataset, name=f"{name} · import")
+    dataset_id = runner.submit("dataset", dataset, name=f"{name} · import", owner=owner)
     data = str(home / "runs" / dataset_id / "out" / "dataset")
-    chain = distill.submit(runner, {**SPEC, "dataset_dir": data}, name=name, depends_on=dataset_id)
+    chain = distill.submit(
+        runner, {**SPEC, "dataset_dir": data}, name=name, depends_on=dataset_id, owner=owner
+    )
     student = str(home / "runs" / chain["finetune"] / "out" / "model")
     lora = FinetuneConfig(dataset_dir=data, base_model=student, **LORA)
     lora_id = runner.submit(
-        "finetune", lora, name=f"{name} · LoRA on the labels", depends_on=chain["evaluate"]
+        "finetune",
+        lora,
+        name=f"{name} · LoRA on the labels",
+        depends_on=chain["evaluate"],
+        owner=owner,
     )
     merged = str(home / "runs" / lora_id / "out" / "merged")
     quantize = QuantizeConfig(model=merged, dataset_dir=data, **GATE)
-    quantize_id = runner.submit("quantize", quantize, name=f"{name} · int4", depends_on=lora_id)
+    quantize_id = runner.submit(
+        "quantize", quantize, name=f"{name} · int4", depends_on=lora_id, owner=owner
+    )
     return {"dataset": dataset_id, **chain, "lora": lora_id, "quantize": quantize_id}
 
 
-def latest(home: Path, name: str = "Quick start") -> dict[str, str]:
+def latest(home: Path, name: str = "Quick start", owner: str | None = None) -> dict[str, str]:
     """The newest chain `submit` queued (found again after a closed tab or a restart)."""
+    where, params = "name like ? and deleted = 0", [f"{name} · %"]
+    if owner is not None:
+        where, params = where + " and owner = ?", [*params, owner]
     with store.connect(home) as db:
-        rows = list(
-            db["runs"].rows_where(
-                "name like ? and deleted = 0", [f"{name} · %"], order_by="created_at desc", limit=12
-            )
-        )
+        rows = list(db["runs"].rows_where(where, params, order_by="created_at desc", limit=12))
     runs: dict[str, str] = {}
     for row in rows:  # newest first: stop at the chain's import
         step = "lora" if row["name"].endswith("LoRA on the labels") else row["step"]

@@ -118,7 +118,16 @@ def _servers(db: Database) -> None:
     )
 
 
+@migrations(name="0003_owners")
+def _owners(db: Database) -> None:
+    """Hosted mode: who started each run and server ('' on a single-user studio)."""
+    db["runs"].add_column("owner", str, not_null_default="")
+    db["servers"].add_column("owner", str, not_null_default="")
+    db["runs"].create_index(["owner", "status"])
+
+
 SERVER_LIVE = ("starting", "serving")
+ACTIVE = ("queued", "running")
 
 
 def connect(home: Path) -> Database:
@@ -147,11 +156,12 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
-def keep_uploads(home: Path, paths: list[str]) -> list[str]:
-    """Copy input files into STUDIO_HOME/uploads so that a run (and its re-runs) owns them."""
+def keep_uploads(home: Path, paths: list[str], owner: str = "") -> list[str]:
+    """Copy input files into STUDIO_HOME/uploads so that a run (and its re-runs) owns them
+    (a hosted studio's users each have their own folder there)."""
     if not paths:
         return []
-    folder = Path(home) / "uploads" / (new_run_id() + "-" + secrets.token_hex(2))
+    folder = uploads_dir(home, owner) / (new_run_id() + "-" + secrets.token_hex(2))
     folder.mkdir(parents=True)
     copies = []
     for path in map(Path, paths):
@@ -161,6 +171,12 @@ def keep_uploads(home: Path, paths: list[str]) -> list[str]:
         shutil.copy2(path, target)
         copies.append(str(target))
     return copies
+
+
+def uploads_dir(home: Path, owner: str = "") -> Path:
+    """STUDIO_HOME/uploads, or a user's own folder under it (named by a hash of the name)."""
+    root = Path(home) / "uploads"
+    return root / ("u-" + hashlib.sha256(owner.encode()).hexdigest()[:16]) if owner else root
 
 
 # --- runs -------------------------------------------------------------------------------------
@@ -175,6 +191,7 @@ def create_run(
     name: str = "",
     depends_on: str | None = None,
     resumed_from: str | None = None,
+    owner: str = "",
 ) -> str:
     run_id = new_run_id()
     while db["runs"].count_where("id = ?", [run_id]):
@@ -190,14 +207,25 @@ def create_run(
             "depends_on": depends_on,
             "resumed_from": resumed_from,
             "created_at": utc_now(),
+            "owner": owner,
         }
     )
     return run_id
 
 
-def get_run(db: Database, run_id: str) -> dict[str, Any] | None:
+def get_run(db: Database, run_id: str, owner: str | None = None) -> dict[str, Any] | None:
+    """The run's row; None also when `owner` is given and the run is someone else's."""
     rows = list(db["runs"].rows_where("id = ?", [run_id]))
-    return rows[0] if rows else None
+    if not rows or (owner is not None and rows[0]["owner"] != owner):
+        return None
+    return rows[0]
+
+
+def active_runs(db: Database, owner: str) -> int:
+    """How many of the owner's runs are queued or running."""
+    return db["runs"].count_where(
+        "owner = ? and status in (?, ?) and deleted = 0", [owner, *ACTIVE]
+    )
 
 
 def list_runs(
@@ -207,8 +235,13 @@ def list_runs(
     status: str | None = None,
     include_deleted: bool = False,
     limit: int = 500,
+    owner: str | None = None,
 ) -> list[dict[str, Any]]:
+    """Newest first; `owner` (hosted mode) keeps that user's runs only."""
     where, params = [], []
+    if owner is not None:
+        where.append("owner = ?")
+        params.append(owner)
     if step:
         where.append("step = ?")
         params.append(step)
@@ -323,9 +356,16 @@ def reconcile(db: Database, is_alive) -> tuple[list[str], list[dict[str, Any]]]:
 
 
 def add_server(
-    db: Database, models: dict[str, str], host: str, port: int, key_required: bool, log_path: str
+    db: Database,
+    models: dict[str, str],
+    host: str,
+    port: int,
+    key_required: bool,
+    log_path: str,
+    owner: str = "",
 ) -> int:
     row = {
+        "owner": owner,
         "models_json": json.dumps(models),
         "host": host,
         "port": port,
@@ -349,9 +389,19 @@ def set_server(db: Database, server_id: int, status: str, **fields: Any) -> bool
     return cursor.rowcount == 1
 
 
-def servers(db: Database, live_only: bool = False) -> list[dict[str, Any]]:
-    where = "status in ('starting', 'serving')" if live_only else None
-    rows = db["servers"].rows_where(where, order_by="id desc", limit=None if live_only else 50)
+def servers(
+    db: Database, live_only: bool = False, owner: str | None = None
+) -> list[dict[str, Any]]:
+    """Newest first (the last 50, or every live one); `owner` keeps that user's only."""
+    where, params = [], []
+    if live_only:
+        where.append("status in ('starting', 'serving')")
+    if owner is not None:
+        where.append("owner = ?")
+        params.append(owner)
+    rows = db["servers"].rows_where(
+        " and ".join(where) or None, params, order_by="id desc", limit=None if live_only else 50
+    )
     return [{**r, "models": json.loads(r["models_json"])} for r in rows]
 
 
@@ -429,9 +479,13 @@ def register_artifacts(
 
 
 def artifacts(
-    db: Database, *, kind: str | None = None, run_id: str | None = None
+    db: Database, *, kind: str | None = None, run_id: str | None = None, owner: str | None = None
 ) -> list[dict[str, Any]]:
+    """Newest first; `owner` (hosted mode) keeps the artifacts of that user's runs only."""
     where, params = ["deleted = 0"], []
+    if owner is not None:
+        where.append("run_id in (select id from runs where owner = ?)")
+        params.append(owner)
     if kind:
         where.append("kind = ?")
         params.append(kind)

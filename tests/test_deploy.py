@@ -47,7 +47,7 @@ def test_server_lifecycle_snippets_benchmark_and_card(made_onnx, home):
         with pytest.raises(deploy.DeployError, match="in use"):
             deploy.start_server(home, {"tiny": str(folder)}, port=row["port"])
 
-        run_id, _ = deploy_tab.submit_benchmark(runner, server_id, 1, 8, "sk-deploy")
+        run_id, _ = deploy_tab.submit_benchmark(runner, None, server_id, 1, 8, "sk-deploy")
         with store.connect(home) as db:
             bench = store.get_run(db, run_id)
         assert bench["status"] == "succeeded", bench["error"]
@@ -56,7 +56,7 @@ def test_server_lifecycle_snippets_benchmark_and_card(made_onnx, home):
         assert summary["peak_memory_mb"] > 0 and "cores" in summary["hardware"]
         assert "sk-deploy" not in bench["config_json"]
 
-        card = deploy_tab.preview_card(home, str(folder), "me/tiny-int4", "apache-2.0")
+        card = deploy_tab.preview_card(home, None, str(folder), "me/tiny-int4", "apache-2.0")
         assert "## Measured speed" in card and summary["hardware"] in card
         assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
         assert "base_model_relation: quantized" in card
@@ -87,6 +87,8 @@ def test_playground_side_by_side_runtime_and_worker(made_onnx, home, tiny_lm):
             deploy_tab.chat_turn(
                 home,
                 chat,
+                None,
+                None,
                 str(folder),
                 str(tiny_lm),
                 "Be brief.",
@@ -107,7 +109,7 @@ def test_playground_side_by_side_runtime_and_worker(made_onnx, home, tiny_lm):
         with pytest.raises(gr.Error, match="can't answer"):
             list(
                 deploy_tab.chat_turn(
-                    home, chat, str(home / "missing"), "", "", "hi", [], [], 4, 0.0
+                    home, chat, None, None, str(home / "missing"), "", "", "hi", [], [], 4, 0.0
                 )
             )
     finally:
@@ -149,7 +151,7 @@ def test_bench_endpoint_cli_reports_and_explains_unreachable(home, tiny_onnx, tm
 
 def test_foundry_package_has_the_files_and_the_models_template(made_onnx, home):
     runner, folder = made_onnx
-    run_id, _ = deploy_tab.submit_foundry(runner, str(folder), "My Tiny Model!")
+    run_id, _ = deploy_tab.submit_foundry(runner, None, str(folder), "My Tiny Model!")
     with store.connect(home) as db:
         row = store.get_run(db, run_id)
     assert row["status"] == "succeeded", row["error"]
@@ -237,7 +239,7 @@ def foundry_python():
 
 def test_foundry_local_sdk_loads_the_package(made_onnx, home, foundry_python, tmp_path):
     runner, folder = made_onnx
-    run_id, _ = deploy_tab.submit_foundry(runner, str(folder), "")
+    run_id, _ = deploy_tab.submit_foundry(runner, None, str(folder), "")
     _, _, archive = deploy_tab.foundry_status(home, run_id)
     with zipfile.ZipFile(archive) as z:  # what the user downloads
         z.extractall(tmp_path / "models")
@@ -270,7 +272,7 @@ def hub(monkeypatch):
 def test_publish_sends_exactly_the_files_and_the_card(made_onnx, home, hub):
     runner, folder = made_onnx
     run_id, _ = deploy_tab.submit_publish(
-        runner, str(folder), "tester/tiny-int4", True, "apache-2.0", TOKEN
+        runner, None, str(folder), "tester/tiny-int4", True, "apache-2.0", TOKEN
     )
     with store.connect(home) as db:
         row = store.get_run(db, run_id)
@@ -295,7 +297,9 @@ def test_publish_sends_exactly_the_files_and_the_card(made_onnx, home, hub):
 def test_publish_with_a_wrong_token_says_so_and_changes_nothing(made_onnx, home, hub):
     runner, folder = made_onnx
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    run_id, _ = deploy_tab.submit_publish(runner, str(folder), "tester/x", True, "mit", "hf_bad")
+    run_id, _ = deploy_tab.submit_publish(
+        runner, None, str(folder), "tester/x", True, "mit", "hf_bad"
+    )
     with store.connect(home) as db:
         row = store.get_run(db, run_id)
     assert row["status"] == "failed"
@@ -308,9 +312,9 @@ def test_publish_with_a_wrong_token_says_so_and_changes_nothing(made_onnx, home,
 def test_publish_form_checks_before_queueing(made_onnx, home):
     runner, folder = made_onnx
     with pytest.raises(gr.Error, match="repo_id"):
-        deploy_tab.submit_publish(runner, str(folder), "no-slash", True, "mit", "")
+        deploy_tab.submit_publish(runner, None, str(folder), "no-slash", True, "mit", "")
     with pytest.raises(gr.Error, match="Pick an artifact"):
-        deploy_tab.submit_publish(runner, "", "me/x", True, "mit", "")
+        deploy_tab.submit_publish(runner, None, "", "me/x", True, "mit", "")
 
 
 def _assert_secret_nowhere(home: Path, secret: str) -> None:
@@ -326,7 +330,7 @@ def _assert_secret_nowhere(home: Path, secret: str) -> None:
 
 def test_publish_a_dataset_as_a_dataset_repo_with_its_card(tiny_dataset, home, hub, runner):
     run_id, _ = deploy_tab.submit_publish(
-        runner, str(tiny_dataset), "tester/tiny-data", False, "mit", TOKEN
+        runner, None, str(tiny_dataset), "tester/tiny-data", False, "mit", TOKEN
     )
     with store.connect(home) as db:
         row = store.get_run(db, run_id)

@@ -60,13 +60,21 @@ def test_answer_length_suits_the_task():
     assert distill_tab.answer_length("math") == 256
 
 
-def test_teacher_check_and_student_size():
+def test_teacher_check_and_student_size(home):
     with FakeOpenAI(key="sk-right") as server:
-        ok = distill_tab.check_teacher("Endpoint", "gpt", server.url, "sk-right", "")
-        bad = distill_tab.check_teacher("Endpoint", "gpt", server.url, "sk-wrong", "")
+        ok = distill_tab.check_teacher(
+            home, None, None, "Endpoint", "gpt", server.url, "sk-right", ""
+        )
+        bad = distill_tab.check_teacher(
+            home, None, None, "Endpoint", "gpt", server.url, "sk-wrong", ""
+        )
     assert ok.startswith("✅") and bad.startswith("❌") and "API key" in bad
-    assert "endpoint URL" in distill_tab.check_teacher("Endpoint", "gpt", "", "", "")
-    assert distill_tab.check_teacher("Local model", "bundled", "", "", "").startswith("✅")
+    assert "endpoint URL" in distill_tab.check_teacher(
+        home, None, None, "Endpoint", "gpt", "", "", ""
+    )
+    assert distill_tab.check_teacher(
+        home, None, None, "Local model", "bundled", "", "", ""
+    ).startswith("✅")
     text = distill_tab.student_md("Local model", "bundled", "pruned", 10, "full", 4, True)
     assert "10 of 30 layers" in text and "teacher" in text and "64M" in text
     assert "needs a local teacher" in distill_tab.student_md(
@@ -82,7 +90,7 @@ def test_chain_from_the_form_with_a_local_teacher(home, tiny_lm, tiny_dataset):
     values = form(tiny_dataset, tiny_lm) + advanced(
         min_success_ratio=0.0, max_new_tokens=4, max_rows=8
     )
-    runs, status, key_box = distill_tab.submit_distill(runner, *values)
+    runs, status, key_box = distill_tab.submit_distill(runner, None, *values)
     assert list(runs) == ["synthesize", "finetune", "evaluate"] and key_box == ""
     with store.connect(home) as db:
         rows = {step: store.get_run(db, run_id) for step, run_id in runs.items()}
@@ -116,7 +124,7 @@ def test_an_api_key_typed_in_never_lands_on_disk(home, tiny_lm, tiny_dataset):
             logits=False,
             method="lora",
         ) + advanced(max_rows=8, max_new_tokens=4)
-        runs, _, _ = distill_tab.submit_distill(runner, *values)
+        runs, _, _ = distill_tab.submit_distill(runner, None, *values)
     with store.connect(home) as db:
         statuses = {s: store.get_run(db, r)["status"] for s, r in runs.items()}
     assert statuses == dict.fromkeys(runs, "succeeded")
@@ -129,5 +137,8 @@ def test_logits_from_an_endpoint_are_refused(home, tiny_dataset):
     runner = JobRunner(home, inline=True)
     with pytest.raises(Exception, match="pruned copy needs a local teacher"):
         distill_tab.submit_distill(
-            runner, *form(tiny_dataset, "m", kind="Endpoint", endpoint="http://x/v1"), *advanced()
+            runner,
+            None,
+            *form(tiny_dataset, "m", kind="Endpoint", endpoint="http://x/v1"),
+            *advanced(),
         )

@@ -18,6 +18,7 @@ def _advanced(**overrides):
 def test_start_finetuning_from_the_tab(home, runner, tiny_lm, tiny_dataset):
     run_id, status = finetune_tab.submit_finetune(
         runner,
+        None,
         str(tiny_dataset),
         str(tiny_lm),
         "lora",
@@ -42,11 +43,12 @@ def test_start_finetuning_from_the_tab(home, runner, tiny_lm, tiny_dataset):
     assert labels[0].endswith("(bundled)") and any("merged" in x for x in labels)
     with pytest.raises(gr.Error, match="Pick a dataset"):
         finetune_tab.submit_finetune(
-            runner, "", "bundled", "lora", 4, 8, 1, 0, 1e-4, 4, 64, False, *_advanced()
+            runner, None, "", "bundled", "lora", 4, 8, 1, 0, 1e-4, 4, 64, False, *_advanced()
         )
     with pytest.raises(gr.Error, match="lora_r must be >= 1"):
         finetune_tab.submit_finetune(
             runner,
+            None,
             str(tiny_dataset),
             "bundled",
             "lora",

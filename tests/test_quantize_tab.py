@@ -31,7 +31,7 @@ def test_quantize_from_the_form(home, bpe_lm):
     runner = JobRunner(home, inline=True)
     assert "None yet" in quantize_tab.quantized_md(home)
     run_id, status = quantize_tab.submit_quantize(
-        runner,
+        runner, None,
         str(bpe_lm),
         "cpu",
         "int8",
@@ -58,7 +58,7 @@ def test_quantize_from_the_form(home, bpe_lm):
     assert "**Next:** for quality, try fp32 cpu" in text
     button = quantize_tab.retry_button(home, run_id)
     assert button["visible"] and button["value"] == "Quantize again as fp32 cpu"
-    new_id, _ = quantize_tab.retry_quantize(runner, run_id)  # one click down the ladder
+    new_id, _ = quantize_tab.retry_quantize(runner, None, run_id)  # one click down the ladder
     with store.connect(home) as db:
         retried = store.get_run(db, new_id)
     assert (
@@ -73,12 +73,12 @@ def test_form_mistakes_are_refused(home):
     runner = JobRunner(home, inline=True)
     with pytest.raises(gr.Error, match="block_size"):
         quantize_tab.submit_quantize(
-            runner, "bundled", "cpu", "int4", "onnx", "", "conversation", 95, 2, 50,
+            runner, None, "bundled", "cpu", "int4", "onnx", "", "conversation", 95, 2, 50,
             *settings(block_size=48),
         )  # fmt: skip
     with pytest.raises(gr.Error, match="NVIDIA GPU"):
         quantize_tab.submit_quantize(
-            runner, "bundled", "cuda", "int4", "bitsandbytes", "", "conversation", 95, 2, 50,
+            runner, None, "bundled", "cuda", "int4", "bitsandbytes", "", "conversation", 95, 2, 50,
             *settings(),
         )  # fmt: skip
     with store.connect(home) as db:

@@ -39,7 +39,7 @@ def test_the_chain_waits_step_by_step_and_reads_each_output(home):
     steps = quickstart.state(home, runs)
     assert [s["status"] for s in steps] == ["queued"] * 6
     assert quickstart.onnx_folder(home, runs) is None
-    runs2, status, report, opened, *_ = quickstart_panel.tick(home, {}, False)
+    runs2, status, report, opened, *_ = quickstart_panel.tick(home, None, None, {}, False)
     assert runs2 == runs and status.count("<b>queued</b>") == 6 and report == "" and not opened
 
 
@@ -92,7 +92,7 @@ def test_at_the_end_the_model_is_served_and_the_playground_opens(home, tiny_onnx
     shutil.copytree(tiny_onnx, home / "runs" / runs["quantize"] / "out" / "onnx")
     try:
         _, status, report, opened, tabs, deploy_tabs, model_a = quickstart_panel.tick(
-            home, runs, False
+            home, None, None, runs, False
         )
         folder = quickstart.onnx_folder(home, runs)
         row, name = deploy.serving(home, str(folder))
@@ -100,10 +100,11 @@ def test_at_the_end_the_model_is_served_and_the_playground_opens(home, tiny_onnx
         assert deploy.url(row) in report and "What was gained" in report and opened
         assert tabs.selected == "deploy" and deploy_tabs.selected == "deploy-playground"
         assert model_a["value"] == str(folder)
-        again = quickstart_panel.tick(home, runs, True)  # later ticks leave the tabs alone
+        # later ticks leave the tabs alone
+        again = quickstart_panel.tick(home, None, None, runs, True)
         assert again[3] is True and len(deploy.refresh(home)) == 1
         deploy.stop_server(home, row["id"])  # stopped by the user: not started again
-        later = quickstart_panel.tick(home, runs, False)
+        later = quickstart_panel.tick(home, None, None, runs, False)
         assert "start it again" in later[2] and deploy.serving(home, str(folder)) is None
     finally:
         for server in deploy.refresh(home):

@@ -11,7 +11,11 @@ from studio import store
 def test_migrations_apply_twice_as_a_no_op(home):
     store.init(home)  # the fixture already applied them once
     with store.connect(home) as db:
-        assert [m.name for m in store.migrations.applied(db)] == ["0001_initial", "0002_servers"]
+        assert [m.name for m in store.migrations.applied(db)] == [
+            "0001_initial",
+            "0002_servers",
+            "0003_owners",
+        ]
         tables = {"runs", "run_events", "metrics", "artifacts", "run_inputs", "servers"}
         assert tables <= set(db.table_names())
         assert db.execute("pragma journal_mode").fetchone()[0] == "wal"

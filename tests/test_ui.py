@@ -9,7 +9,7 @@ import pytest
 
 from pipelines import dataset
 from studio import store
-from studio.settings import Settings
+from studio.settings import Limits, Settings
 from studio.ui import app, data_tab, runs_tab
 
 ROLES = len(data_tab.MAPPING_ROLES)
@@ -37,6 +37,7 @@ def _import(runner, settings, files, tokenizer, name="support", **overrides):
     return data_tab.submit_import(
         runner,
         settings,
+        None,
         files,
         "",
         "",
@@ -84,11 +85,11 @@ def test_a_wrong_mapping_is_explained_not_raised(tmp_path):
 def test_import_from_the_tab_runs_and_shows_the_report(home, runner, settings, tiny_tokenizer_dir):
     run_id, status = _import(runner, settings, [str(dataset.SAMPLE_DATASET)], tiny_tokenizer_dir)
     assert run_id in status
-    header, report, choices = data_tab.refresh_import(home, run_id)
+    header, report, choices = data_tab.refresh_import(home, None, run_id)
     assert "succeeded" in header and "360" in report and "rows read" in report
     [(label, artifact_id)] = choices["choices"]
     assert label.startswith("support · 360 rows")
-    info, page = data_tab.show_dataset(home, artifact_id, "validation", 2)
+    info, page = data_tab.show_dataset(home, None, artifact_id, "validation", 2)
     assert "page 2 of 4" in info and page[0][0] == 11
     with store.connect(home) as db:  # the run reads its own copy of the upload
         config = json.loads(store.get_run(db, run_id)["config_json"])
@@ -145,14 +146,20 @@ def test_build_app_returns_blocks_without_launching(home, runner, settings):
 
 
 @pytest.mark.filterwarnings("ignore:Run .* has already finished")
+@pytest.mark.parametrize("hosted", [False, True], ids=["local", "hosted"])
 def test_every_event_returns_what_its_outputs_expect(
-    home, runner, settings, fake_steps, monkeypatch
+    home, runner, settings, fake_steps, monkeypatch, hosted
 ):
     """Call each wired handler with the components' values: a tick or change that returns the
-    wrong number of values would break the page at run time, not at build time."""
-    run_id = runner.submit("fake", fake_steps.FakeConfig(steps=2))
+    wrong number of values would break the page at run time, not at build time (on a
+    single-user studio, and on a hosted one with a signed-in user)."""
+    run_id = runner.submit("fake", fake_steps.FakeConfig(steps=2), owner="alice")
     # a start button with valid defaults (Quantize's bundled model) queues nothing real here
     monkeypatch.setattr(runner, "submit", lambda *args, **kwargs: run_id)
+    request = gr.Request(username="alice") if hosted else None
+    if hosted:
+        settings = dataclasses.replace(settings, limits=Limits(), users={"alice": "pw"})
+        runner.limits = settings.limits
     demo = app.build_app(settings, runner)
     checked = 0
     for block_fn in demo.fns.values():
@@ -168,6 +175,7 @@ def test_every_event_returns_what_its_outputs_expect(
                 values.append(run_id)
             else:
                 values.append(component.value)
+        values, *_ = gr.helpers.special_args(block_fn.fn, values, request)
         try:
             result = block_fn.fn(*values)
             results = list(result) if inspect.isgenerator(result) else [result]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from pipelines.dataset import SAMPLE_DATASET, SAMPLE_SYSTEM_PROMPT, DatasetConfi
 from studio import store
 from studio.jobs import JobRunner
 from studio.settings import Settings
-from studio.ui import forms, runs_tab, views
+from studio.ui import forms, runs_tab, session, views
 
 MAPPING_ROLES = ("messages", "prompt", "input", "response", "text", "label", "system")
 ROLE_LABELS = {
@@ -109,7 +110,7 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
     with gr.Row():
         chosen = gr.Dropdown(
             label="Dataset",
-            choices=dataset_choices(home),
+            choices=dataset_choices(home, session.page_owner(runner.limits)),
             value=None,
             scale=3,
             elem_id="data-chosen",
@@ -133,11 +134,9 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
             outputs=[detected, preview_table],
         )
 
-    def on_submit(*values):
-        return submit_import(runner, settings, *values)
-
+    limits = runner.limits
     submit.click(
-        on_submit,
+        session.for_user(limits, functools.partial(submit_import, runner, settings)),
         inputs=[
             files,
             hub_dataset,
@@ -156,14 +155,17 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
     )
     timer = gr.Timer(1.0)
     timer.tick(
-        lambda run_id: refresh_import(home, run_id),
+        session.for_viewer(limits, functools.partial(refresh_import, home)),
         inputs=[import_run],
         outputs=[import_status, import_report, chosen],
     )
-    chosen.focus(lambda: gr.update(choices=dataset_choices(home)), outputs=[chosen])
+    chosen.focus(
+        session.for_viewer(limits, lambda owner: gr.update(choices=dataset_choices(home, owner))),
+        outputs=[chosen],
+    )
     for control in (chosen, split, page):
         control.change(
-            lambda a, s, p: show_dataset(home, a, s, p),
+            session.for_viewer(limits, functools.partial(show_dataset, home)),
             inputs=[chosen, split, page],
             outputs=[dataset_info, dataset_rows],
         )
@@ -219,6 +221,7 @@ def apply_mapping(files: list[str] | str | None, shape: str, *values: str) -> tu
 def submit_import(
     runner: JobRunner,
     settings: Settings,
+    owner: str | None,
     files: list[str] | str | None,
     hub_dataset: str,
     hub_config: str,
@@ -239,6 +242,13 @@ def submit_import(
                 f"{Path(path).name} is {size_mb:.0f} MB, over the {settings.max_upload_mb}"
                 " MB upload limit. Split it into smaller files."
             )
+    limit_mb = runner.limits.upload_mb if runner.limits else 0
+    total_mb = sum(Path(p).stat().st_size for p in paths) / 2**20
+    if limit_mb and total_mb > limit_mb:
+        raise gr.Error(
+            f"These files hold {total_mb:.1f} MB, and this shared studio takes at most "
+            f"{limit_mb} MB per import: upload fewer or smaller files (or set Max rows)."
+        )
     names = forms.form_fields(DatasetConfig, exclude=HAND_LAID)
     try:
         config = DatasetConfig(
@@ -259,8 +269,9 @@ def submit_import(
     except (ValueError, TypeError) as e:
         raise gr.Error(f"Can't import: {e}") from e
     if paths:  # Gradio's temp copies can vanish; the run reads its own copy
-        config = dataclasses.replace(config, files=store.keep_uploads(runner.home, paths))
-    run_id = runner.submit("dataset", config, name=config.name)
+        files = store.keep_uploads(runner.home, paths, owner or "")
+        config = dataclasses.replace(config, files=files)
+    run_id = runner.submit("dataset", config, name=config.name, owner=owner)
     with store.connect(runner.home) as db:
         row = store.get_run(db, run_id)
     return (
@@ -269,17 +280,17 @@ def submit_import(
     )
 
 
-def refresh_import(home: Path, run_id: str) -> tuple:
+def refresh_import(home: Path, owner: str | None, run_id: str) -> tuple:
     """Poll the import run: progress bar while it works, the report when it ends."""
-    header, report = runs_tab.run_status(home, run_id)
+    header, report = runs_tab.run_status(home, run_id, owner)
     done = bool(report) and "rows read" in report
-    return header, report, gr.update(choices=dataset_choices(home)) if done else gr.skip()
+    return header, report, gr.update(choices=dataset_choices(home, owner)) if done else gr.skip()
 
 
-def dataset_choices(home: Path) -> list[tuple[str, int]]:
-    """(label, artifact id) of every imported dataset, newest first."""
+def dataset_choices(home: Path, owner: str | None = None) -> list[tuple[str, int]]:
+    """(label, artifact id) of every imported dataset (the owner's, when given), newest first."""
     with store.connect(home) as db:
-        rows = store.artifacts(db, kind="dataset")
+        rows = store.artifacts(db, kind="dataset", owner=owner)
     choices = []
     for a in rows:
         meta = json.loads(a["meta_json"] or "{}")
@@ -294,13 +305,14 @@ def dataset_choices(home: Path) -> list[tuple[str, int]]:
 
 
 def show_dataset(
-    home: Path, artifact_id: int | None, split: str, page: float | None
+    home: Path, owner: str | None, artifact_id: int | None, split: str, page: float | None
 ) -> tuple[str, list]:
     """A dataset's statistics and one page of one split."""
     if not artifact_id:
         return "", []
     with store.connect(home) as db:
-        rows = list(db["artifacts"].rows_where("id = ?", [artifact_id]))
+        rows = store.artifacts(db, kind="dataset", owner=owner)
+    rows = [a for a in rows if a["id"] == artifact_id]
     if not rows:
         return "Dataset not found (deleted?).", []
     folder = Path(home) / rows[0]["path"]

@@ -4,6 +4,7 @@ with a lineage model card."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +16,13 @@ from pipelines.benchmark import BenchmarkConfig
 from pipelines.card import check_card, model_card
 from pipelines.onnx_model import is_onnx_folder
 from pipelines.publish import TOKEN_ENV, PublishConfig, foundry_commands, kind_of
-from studio import deploy, store
+from studio import deploy, quota, store
 from studio.chat import ChatClient, ChatError
 from studio.deploy import DeployError
 from studio.jobs import JobRunner
-from studio.ui import runs_tab
+from studio.quota import LimitReached
+from studio.settings import Limits
+from studio.ui import runs_tab, session
 from studio.ui.finetune_tab import model_choices
 
 SERVER_HEADERS = ["server", "models", "endpoint", "status", "pid", "started"]
@@ -31,7 +34,7 @@ def build_tab(home: Path, runner: JobRunner, chat: ChatClient) -> dict[str, Any]
         with gr.Tab("Serve", id="deploy-serve"):
             _serve_section(home, runner)
         with gr.Tab("Playground", id="deploy-playground"):
-            model_a = _playground_section(home, chat)
+            model_a = _playground_section(home, chat, runner.limits)
         with gr.Tab("Foundry Local", id="deploy-foundry"):
             _foundry_section(home, runner)
         with gr.Tab("Hugging Face Hub", id="deploy-hub"):
@@ -43,6 +46,7 @@ def build_tab(home: Path, runner: JobRunner, chat: ChatClient) -> dict[str, Any]
 
 
 def _serve_section(home: Path, runner: JobRunner) -> None:
+    limits, nobody = runner.limits, session.page_owner(runner.limits)
     gr.Markdown(
         "Serve quantized (ONNX) models on this machine behind an **OpenAI-compatible API**: "
         "any OpenAI client, LangChain or curl can use them. The server keeps running when "
@@ -51,7 +55,7 @@ def _serve_section(home: Path, runner: JobRunner) -> None:
     with gr.Row():
         models = gr.Dropdown(
             label="ONNX models",
-            choices=onnx_choices(home),
+            choices=onnx_choices(home, nobody),
             multiselect=True,
             info="Several at once share one endpoint, each under its own name.",
             elem_id="serve-models",
@@ -79,29 +83,48 @@ def _serve_section(home: Path, runner: JobRunner) -> None:
     bench_status = gr.HTML()
     bench_report = gr.Markdown(elem_id="bench-report")
 
-    models.focus(lambda: gr.update(choices=onnx_choices(home)), outputs=[models])
-    start.click(
-        lambda m, p, k: start_serving(home, m, p, k), inputs=[models, port, key], outputs=[chosen]
+    models.focus(
+        session.for_viewer(limits, lambda owner: gr.update(choices=onnx_choices(home, owner))),
+        outputs=[models],
     )
-    stop.click(lambda s: stop_serving(home, s), inputs=[chosen], outputs=[chosen])
-    chosen.change(lambda s: server_snippets(home, s), inputs=[chosen], outputs=[snippet])
+    start.click(
+        session.for_user(limits, functools.partial(start_serving, home, limits)),
+        inputs=[models, port, key],
+        outputs=[chosen],
+    )
+    stop.click(
+        session.for_user(limits, functools.partial(stop_serving, home)),
+        inputs=[chosen],
+        outputs=[chosen],
+    )
+    chosen.change(
+        session.for_viewer(limits, lambda owner, s: server_snippets(home, s, owner)),
+        inputs=[chosen],
+        outputs=[snippet],
+    )
     bench.click(
-        lambda s, r, t, k: submit_benchmark(runner, s, r, t, k),
+        session.for_user(limits, functools.partial(submit_benchmark, runner)),
         inputs=[chosen, rounds, max_tokens, key],
         outputs=[bench_run, bench_status],
     )
     timer = gr.Timer(2.0)
     timer.tick(
-        lambda s, b: (*serve_status(home, s), *runs_tab.run_status(home, b)),
+        session.for_viewer(
+            limits,
+            lambda owner, s, b: (
+                *serve_status(home, s, owner),
+                *runs_tab.run_status(home, b, owner),
+            ),
+        ),
         inputs=[chosen, bench_run],
         outputs=[table, chosen, snippet, bench_status, bench_report],
     )
 
 
-def onnx_choices(home: Path) -> list[tuple[str, str]]:
-    """(label, folder) of every ONNX model made here, newest first."""
+def onnx_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
+    """(label, folder) of every ONNX model made here (the owner's, when given), newest first."""
     with store.connect(home) as db:
-        rows = store.artifacts(db, kind="onnx")
+        rows = store.artifacts(db, kind="onnx", owner=owner)
     return [
         (
             f"{a['name']} · run {a['run_id']} · "
@@ -112,7 +135,14 @@ def onnx_choices(home: Path) -> list[tuple[str, str]]:
     ]
 
 
-def start_serving(home: Path, paths: list[str] | None, port: float | None, key: str) -> Any:
+def start_serving(
+    home: Path,
+    limits: Limits | None,
+    owner: str | None,
+    paths: list[str] | None,
+    port: float | None,
+    key: str,
+) -> Any:
     """Start a runtime for the chosen ONNX folders; the table shows it come up."""
     if not paths:
         raise gr.Error("Pick one or more ONNX models (quantize a model in the Quantize tab).")
@@ -123,32 +153,34 @@ def start_serving(home: Path, paths: list[str] | None, port: float | None, key: 
             name += "-2"
         names[name] = path
     try:
-        server_id = deploy.start_server(home, names, int(port or 0), key or "")
+        server_id = deploy.start_server(
+            home, names, int(port or 0), key or "", owner=owner, limits=limits
+        )
     except DeployError as e:
         raise gr.Error(str(e)) from e
     gr.Info(f"Starting server {server_id}; it shows 'serving' in a few seconds.")
-    return gr.update(choices=server_choices(home), value=server_id)
+    return gr.update(choices=server_choices(home, owner), value=server_id)
 
 
-def stop_serving(home: Path, server_id: Any) -> Any:
+def stop_serving(home: Path, owner: str | None, server_id: Any) -> Any:
     if not server_id:
         raise gr.Error("Pick a server to stop.")
-    if not deploy.stop_server(home, int(server_id)):
+    if not deploy.stop_server(home, int(server_id), owner):
         raise gr.Error(f"Server {server_id} is not running.")
     gr.Info(f"Server {server_id} stopped.")
-    return gr.update(choices=server_choices(home), value=None)
+    return gr.update(choices=server_choices(home, owner), value=None)
 
 
-def serve_status(home: Path, server_id: Any) -> tuple[Any, Any, str]:
+def serve_status(home: Path, server_id: Any, owner: str | None = None) -> tuple[Any, Any, str]:
     """The servers table, the live servers to pick from (dropping a stopped choice), snippets."""
-    table = servers_table(home)
-    choices = server_choices(home)
+    table = servers_table(home, owner)
+    choices = server_choices(home, owner)
     live = server_id in [value for _, value in choices]
     picked = gr.update(choices=choices, value=server_id if live else None)
-    return table, picked, server_snippets(home, server_id if live else None)
+    return table, picked, server_snippets(home, server_id if live else None, owner)
 
 
-def servers_table(home: Path) -> list[list[Any]]:
+def servers_table(home: Path, owner: str | None = None) -> list[list[Any]]:
     return [
         [
             r["id"],
@@ -158,18 +190,18 @@ def servers_table(home: Path) -> list[list[Any]]:
             r["pid"],
             (r["started_at"] or "")[:19].replace("T", " "),
         ]
-        for r in deploy.refresh(home)
+        for r in deploy.refresh(home, owner)
     ]
 
 
-def server_choices(home: Path) -> list[tuple[str, int]]:
+def server_choices(home: Path, owner: str | None = None) -> list[tuple[str, int]]:
     with store.connect(home) as db:
-        rows = store.servers(db, live_only=True)
+        rows = store.servers(db, live_only=True, owner=owner)
     return [(f"{r['id']}: {', '.join(r['models'])} on port {r['port']}", r["id"]) for r in rows]
 
 
-def server_snippets(home: Path, server_id: Any) -> str:
-    row = _server(home, server_id)
+def server_snippets(home: Path, server_id: Any, owner: str | None = None) -> str:
+    row = _server(home, server_id, owner)
     if row is None:
         return "Start a server (or pick one) to see how to call it."
     model = next(iter(row["models"]))
@@ -177,10 +209,10 @@ def server_snippets(home: Path, server_id: Any) -> str:
 
 
 def submit_benchmark(
-    runner: JobRunner, server_id: Any, rounds: float, max_tokens: float, key: str
+    runner: JobRunner, owner: str | None, server_id: Any, rounds: float, max_tokens: float, key: str
 ) -> tuple[str, str]:
     """Queue a benchmark run against the chosen server's first model."""
-    row = _server(runner.home, server_id)
+    row = _server(runner.home, server_id, owner)
     if row is None or row["status"] != "serving":
         raise gr.Error("Pick a server that is serving (start one above).")
     name, path = next(iter(row["models"].items()))
@@ -195,15 +227,17 @@ def submit_benchmark(
     except ValueError as e:
         raise gr.Error(f"Can't benchmark: {e}") from e
     secrets = {config.api_key_env: key} if key else None
-    run_id = runner.submit("benchmark", config, name=f"benchmark {name}", secrets=secrets)
-    return run_id, runs_tab.run_status(runner.home, run_id)[0]
+    run_id = runner.submit(
+        "benchmark", config, name=f"benchmark {name}", secrets=secrets, owner=owner
+    )
+    return run_id, runs_tab.run_status(runner.home, run_id, owner)[0]
 
 
-def _server(home: Path, server_id: Any) -> dict[str, Any] | None:
+def _server(home: Path, server_id: Any, owner: str | None = None) -> dict[str, Any] | None:
     if not server_id:
         return None
     with store.connect(home) as db:
-        rows = [r for r in store.servers(db) if r["id"] == int(server_id)]
+        rows = [r for r in store.servers(db, owner=owner) if r["id"] == int(server_id)]
     return rows[0] if rows else None
 
 
@@ -217,7 +251,8 @@ def _served_name(home: Path, path: str) -> str:
 # --- playground ------------------------------------------------------------------------------
 
 
-def _playground_section(home: Path, chat: ChatClient) -> Any:
+def _playground_section(home: Path, chat: ChatClient, limits: Limits | None) -> Any:
+    nobody = session.page_owner(limits)
     gr.Markdown(
         "Chat with any model made here, one or two side by side: ONNX models answer through "
         "the local runtime (started for you), transformers models and adapters through a "
@@ -226,14 +261,14 @@ def _playground_section(home: Path, chat: ChatClient) -> Any:
     with gr.Row():
         model_a = gr.Dropdown(
             label="Model A",
-            choices=playground_choices(home),
+            choices=playground_choices(home, nobody),
             value="bundled",
             allow_custom_value=True,
             elem_id="chat-a",
         )
         model_b = gr.Dropdown(
             label="Model B (optional)",
-            choices=["", *playground_choices(home)],
+            choices=["", *playground_choices(home, nobody)],
             value="",
             allow_custom_value=True,
             elem_id="chat-b",
@@ -253,17 +288,16 @@ def _playground_section(home: Path, chat: ChatClient) -> Any:
     clear = gr.Button("Clear", size="sm")
     for dropdown, optional in ((model_a, False), (model_b, True)):
         dropdown.focus(
-            lambda optional=optional: gr.update(
-                choices=(["", *playground_choices(home)] if optional else playground_choices(home))
+            session.for_viewer(
+                limits,
+                lambda owner, optional=optional: gr.update(
+                    choices=([""] if optional else []) + playground_choices(home, owner)
+                ),
             ),
             outputs=[dropdown],
         )
-
-    def on_message(*values):
-        yield from chat_turn(home, chat, *values)
-
     message.submit(
-        on_message,
+        session.for_user(limits, functools.partial(chat_turn, home, chat, limits)),
         inputs=[
             model_a,
             model_b,
@@ -282,13 +316,16 @@ def _playground_section(home: Path, chat: ChatClient) -> Any:
     return model_a
 
 
-def playground_choices(home: Path) -> list[tuple[str, str]]:
-    return model_choices(home) + [(f"onnx {label}", path) for label, path in onnx_choices(home)]
+def playground_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
+    onnx = [(f"onnx {label}", path) for label, path in onnx_choices(home, owner)]
+    return model_choices(home, owner) + onnx
 
 
 def chat_turn(
     home: Path,
     chat: ChatClient,
+    limits: Limits | None,
+    owner: str | None,
     model_a: str,
     model_b: str,
     system: str,
@@ -305,6 +342,9 @@ def chat_turn(
         raise gr.Error("Type a message first.")
     if not model_a:
         raise gr.Error("Pick model A.")
+    if limits is not None:  # a shared studio: the visitor's own models (and the bundled one)
+        with store.connect(home) as db:
+            quota.check_paths(db, home, owner, {"a": model_a, "b": model_b or ""})
     histories = [list(history_a or []), list(history_b or [])]
     for side, model in enumerate((model_a, model_b)):
         if not model:
@@ -320,7 +360,10 @@ def chat_turn(
             {"role": "assistant", "content": ""},
         ]
         try:
-            for piece in _reply(home, chat, model, turns, max_new_tokens, temperature, top_p, key):
+            reply = _reply(
+                home, chat, model, turns, max_new_tokens, temperature, top_p, key, owner, limits
+            )
+            for piece in reply:
                 histories[side][-1]["content"] += piece
                 yield histories[0], histories[1], ""
         except (ChatError, DeployError) as e:
@@ -328,14 +371,18 @@ def chat_turn(
     yield histories[0], histories[1], ""
 
 
-def _reply(home, chat, model, turns, max_new_tokens, temperature, top_p, key) -> Iterator[str]:
+def _reply(
+    home, chat, model, turns, max_new_tokens, temperature, top_p, key, owner=None, limits=None
+) -> Iterator[str]:
     """ONNX folders answer through the runtime (started if none serves them), others via chat."""
     if not is_onnx_folder(Path(model)):
         yield from chat.stream(model, turns, int(max_new_tokens), float(temperature), float(top_p))
         return
     found = deploy.serving(home, model)
     if found is None:
-        server_id = deploy.start_server(home, {_served_name(home, model): model}, 0, key or "")
+        server_id = deploy.start_server(
+            home, {_served_name(home, model): model}, 0, key or "", owner=owner, limits=limits
+        )
         row = deploy.wait_serving(home, server_id)
         if row["status"] != "serving":
             raise DeployError(f"the runtime did not start: {row['error'] or row['status']}")
@@ -365,6 +412,7 @@ def _text(content: Any) -> str:
 
 
 def _foundry_section(home: Path, runner: JobRunner) -> None:
+    limits, nobody = runner.limits, session.page_owner(runner.limits)
     gr.Markdown(
         "A folder and a zip that **Foundry Local** loads as it is: the ONNX Runtime GenAI "
         "files, an `inference_model.json` whose prompt template is cut from the model's own "
@@ -372,7 +420,7 @@ def _foundry_section(home: Path, runner: JobRunner) -> None:
     )
     with gr.Row():
         model = gr.Dropdown(
-            label="ONNX model", choices=onnx_choices(home), elem_id="foundry-model", scale=3
+            label="ONNX model", choices=onnx_choices(home, nobody), elem_id="foundry-model", scale=3
         )
         name = gr.Textbox(label="Model name", info="Empty: from the model's name.")
     build = gr.Button("Build the package", variant="primary", elem_id="foundry-build")
@@ -380,17 +428,24 @@ def _foundry_section(home: Path, runner: JobRunner) -> None:
     status = gr.HTML()
     report = gr.Markdown(elem_id="foundry-report")
     download = gr.File(label="Package (zip)", elem_id="foundry-zip", interactive=False)
-    model.focus(lambda: gr.update(choices=onnx_choices(home)), outputs=[model])
+    model.focus(
+        session.for_viewer(limits, lambda owner: gr.update(choices=onnx_choices(home, owner))),
+        outputs=[model],
+    )
     build.click(
-        lambda m, n: submit_foundry(runner, m, n), inputs=[model, name], outputs=[run_id, status]
+        session.for_user(limits, functools.partial(submit_foundry, runner)),
+        inputs=[model, name],
+        outputs=[run_id, status],
     )
     timer = gr.Timer(2.0)
     timer.tick(
-        lambda r: foundry_status(home, r), inputs=[run_id], outputs=[status, report, download]
+        session.for_viewer(limits, lambda owner, r: foundry_status(home, r, owner)),
+        inputs=[run_id],
+        outputs=[status, report, download],
     )
 
 
-def submit_foundry(runner: JobRunner, path: str, name: str) -> tuple[str, str]:
+def submit_foundry(runner: JobRunner, owner: str | None, path: str, name: str) -> tuple[str, str]:
     if not path:
         raise gr.Error("Pick an ONNX model (quantize one in the Quantize tab first).")
     try:
@@ -402,17 +457,21 @@ def submit_foundry(runner: JobRunner, path: str, name: str) -> tuple[str, str]:
         )
     except ValueError as e:
         raise gr.Error(f"Can't package: {e}") from e
-    run_id = runner.submit("publish", config, name=f"Foundry Local package of {Path(path).name}")
-    return run_id, runs_tab.run_status(runner.home, run_id)[0]
+    run_id = runner.submit(
+        "publish", config, name=f"Foundry Local package of {Path(path).name}", owner=owner
+    )
+    return run_id, runs_tab.run_status(runner.home, run_id, owner)[0]
 
 
-def foundry_status(home: Path, run_id: str) -> tuple[Any, Any, Any]:
+def foundry_status(home: Path, run_id: str, owner: str | None = None) -> tuple[Any, Any, Any]:
     if not run_id:
         return gr.skip(), gr.skip(), gr.skip()
-    header, report = runs_tab.run_status(home, run_id)
+    header, report = runs_tab.run_status(home, run_id, owner)
     with store.connect(home) as db:
-        row = store.get_run(db, run_id)
+        row = store.get_run(db, run_id, owner)
         outputs = store.artifacts(db, run_id=run_id)
+    if row is None:
+        return header, report, None
     summary = json.loads(row["summary_json"] or "{}")
     if row["status"] != "succeeded" or "prompt_template" not in summary:
         return header, report, None
@@ -431,6 +490,7 @@ def foundry_status(home: Path, run_id: str) -> tuple[Any, Any, Any]:
 
 
 def _hub_section(home: Path, runner: JobRunner) -> None:
+    limits, nobody = runner.limits, session.page_owner(runner.limits)
     gr.Markdown(
         "Publish a dataset, an adapter, a merged model or an ONNX model to the **Hugging Face "
         "Hub**, with a model card that tells how it was made: data and its hash, teacher, "
@@ -439,7 +499,7 @@ def _hub_section(home: Path, runner: JobRunner) -> None:
     )
     with gr.Row():
         artifact = gr.Dropdown(
-            label="Artifact", choices=publish_choices(home), elem_id="hub-artifact", scale=3
+            label="Artifact", choices=publish_choices(home, nobody), elem_id="hub-artifact", scale=3
         )
         repo_id = gr.Textbox(
             label="Repo id", placeholder="your-name/my-small-model", elem_id="hub-repo"
@@ -450,7 +510,8 @@ def _hub_section(home: Path, runner: JobRunner) -> None:
         token = gr.Textbox(
             label="Hugging Face token",
             type="password",
-            info="With write access; empty uses HF_TOKEN. Never stored.",
+            info="With write access; never stored. Empty: "
+            + ("your sign-in's token." if limits else "HF_TOKEN."),
             elem_id="hub-token",
         )
     with gr.Row():
@@ -460,35 +521,47 @@ def _hub_section(home: Path, runner: JobRunner) -> None:
     status = gr.HTML()
     report = gr.Markdown(elem_id="hub-report")
     card = gr.Markdown(elem_id="hub-card")
-    artifact.focus(lambda: gr.update(choices=publish_choices(home)), outputs=[artifact])
+    artifact.focus(
+        session.for_viewer(limits, lambda owner: gr.update(choices=publish_choices(home, owner))),
+        outputs=[artifact],
+    )
     preview.click(
-        lambda a, r, lic: preview_card(home, a, r, lic),
+        session.for_user(limits, functools.partial(preview_card, home)),
         inputs=[artifact, repo_id, license_],
         outputs=[card],
     )
     publish.click(
-        lambda a, r, p, lic, t: submit_publish(runner, a, r, p, lic, t),
+        session.with_request(functools.partial(submit_publish, runner)),
         inputs=[artifact, repo_id, private, license_, token],
         outputs=[run_id, status],
     )
     timer = gr.Timer(2.0)
-    timer.tick(lambda r: runs_tab.run_status(home, r), inputs=[run_id], outputs=[status, report])
+    timer.tick(
+        session.for_viewer(limits, lambda owner, r: runs_tab.run_status(home, r, owner)),
+        inputs=[run_id],
+        outputs=[status, report],
+    )
 
 
-def publish_choices(home: Path) -> list[tuple[str, str]]:
+def publish_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
     with store.connect(home) as db:
         rows = [
-            a for a in store.artifacts(db) if a["kind"] in ("dataset", "adapter", "model", "onnx")
+            a
+            for a in store.artifacts(db, owner=owner)
+            if a["kind"] in ("dataset", "adapter", "model", "onnx")
         ]
     return [
         (f"{a['kind']} {a['name']} · run {a['run_id']}", str(Path(home) / a["path"])) for a in rows
     ]
 
 
-def preview_card(home: Path, path: str, repo_id: str, license_: str) -> str:
+def preview_card(home: Path, owner: str | None, path: str, repo_id: str, license_: str) -> str:
     """The card exactly as it would be uploaded, checked; or what is wrong with it."""
     if not path:
         raise gr.Error("Pick an artifact.")
+    if owner is not None:
+        with store.connect(home) as db:
+            quota.check_paths(db, home, owner, {"source": path})
     lineage = deploy.lineage_of(home, path)
     repo = (repo_id or "").strip() or f"your-name/{Path(path).name}"
     if kind_of(Path(path)) == "dataset" and (Path(path) / "README.md").exists():
@@ -502,11 +575,30 @@ def preview_card(home: Path, path: str, repo_id: str, license_: str) -> str:
 
 
 def submit_publish(
-    runner: JobRunner, path: str, repo_id: str, private: bool, license_: str, token: str
+    runner: JobRunner,
+    request: gr.Request,
+    path: str,
+    repo_id: str,
+    private: bool,
+    license_: str,
+    token: str,
 ) -> tuple[str, str]:
-    """Queue a publish run; the token reaches it through the environment only."""
+    """Queue a publish run; the token (typed, or on a shared studio the user's own sign-in
+    token, never the host's) reaches it through the environment only."""
+    owner = session.viewer(runner.limits, request)
+    if owner == session.NOBODY:
+        raise gr.Error(session.SIGN_IN)
     if not path:
         raise gr.Error("Pick an artifact to publish.")
+    token = (token or "").strip()
+    if runner.limits is not None and not token:
+        user = session.signed_in(request)
+        token = (user.token if user else None) or ""
+        if not token:
+            raise gr.Error(
+                "Type a Hugging Face token with write access: this shared studio publishes "
+                "with your own token only (it is never stored)."
+            )
     try:
         config = PublishConfig(
             source=path,
@@ -518,6 +610,11 @@ def submit_publish(
         )
     except ValueError as e:
         raise gr.Error(f"Can't publish: {e}") from e
-    secrets = {TOKEN_ENV: token.strip()} if token and token.strip() else None
-    run_id = runner.submit("publish", config, name=f"publish {config.repo_id}", secrets=secrets)
-    return run_id, runs_tab.run_status(runner.home, run_id)[0]
+    secrets = {TOKEN_ENV: token} if token else None
+    try:
+        run_id = runner.submit(
+            "publish", config, name=f"publish {config.repo_id}", secrets=secrets, owner=owner
+        )
+    except (LimitReached, PermissionError) as e:
+        raise gr.Error(str(e)) from e
+    return run_id, runs_tab.run_status(runner.home, run_id, owner)[0]

@@ -3,6 +3,7 @@ button for the synthesize -> finetune -> evaluate chain, and the student-vs-teac
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ from pipelines.finetune import FinetuneConfig
 from pipelines.generation import API_KEY_ENV, check_connection
 from pipelines.synthesize import SynthesizeConfig
 from pipelines.tasks import PRESETS
-from studio import distill, store
+from studio import distill, quota, store
 from studio.jobs import JobRunner
-from studio.ui import forms, views
+from studio.quota import LimitReached
+from studio.settings import Limits
+from studio.ui import forms, session, views
 from studio.ui.finetune_tab import dataset_choices, model_choices
 
 PRUNED = "pruned"
@@ -42,6 +45,7 @@ STUDENT_ADVANCED = ("lora_r", "lora_alpha", "max_seq_len", "distill_temperature"
 
 
 def build_tab(home: Path, runner: JobRunner) -> None:
+    limits, nobody = runner.limits, session.page_owner(runner.limits)
     gr.Markdown(
         "A big **teacher** answers your dataset's prompts; a small **student** learns from "
         "those answers (and, with a local teacher, from its token probabilities); the report "
@@ -51,7 +55,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     gr.Markdown("### 1. Data and task")
     with gr.Row():
         dataset_dir = gr.Dropdown(
-            label="Dataset", choices=dataset_choices(home), info="Imported in the Data tab."
+            label="Dataset", choices=dataset_choices(home, nobody), info="Imported in the Data tab."
         )
         task = gr.Dropdown(
             label="Task",
@@ -76,7 +80,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         )
         teacher = gr.Dropdown(
             label="Teacher model",
-            choices=model_choices(home),
+            choices=model_choices(home, nobody),
             value="bundled",
             allow_custom_value=True,
             info="Local: a model made here, a folder or a Hub id. Endpoint: the model name.",
@@ -91,7 +95,8 @@ def build_tab(home: Path, runner: JobRunner) -> None:
             type="password",
             info="Used for these runs only: never stored, logged or shown again.",
         )
-        api_key_env = gr.Textbox(**_kwargs(SynthesizeConfig, "api_key_env"))
+        # a shared studio's environment holds the host's keys, not its visitors'
+        api_key_env = gr.Textbox(**_kwargs(SynthesizeConfig, "api_key_env"), visible=not limits)
     with gr.Row():
         test = gr.Button("Test connection", size="sm", elem_id="distill-test")
         connection = gr.Markdown(elem_id="distill-connection")
@@ -103,7 +108,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     with gr.Row():
         student = gr.Dropdown(
             label="Student",
-            choices=[("Pruned copy of the teacher", PRUNED), *model_choices(home)],
+            choices=[("Pruned copy of the teacher", PRUNED), *model_choices(home, nobody)],
             value=PRUNED,
             allow_custom_value=True,
             info="A pruned copy shares the teacher's tokenizer (so it can learn its logits).",
@@ -143,9 +148,9 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     status = gr.Markdown(elem_id="distill-status")
 
     gr.Markdown("### Reports")
-    reports = report_choices(home)
+    reports = report_choices(home, nobody)
     latest = reports[0][1] if reports else None
-    shown = report_view(home, latest)  # the newest report is on screen from the start
+    shown = report_view(home, latest, nobody)  # the newest report is on screen from the start
     with gr.Row():
         report_run = gr.Dropdown(
             label="Distillation report", choices=reports, value=latest, elem_id="distill-report"
@@ -166,27 +171,29 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         on_teacher_kind, inputs=[teacher_kind], outputs=[endpoint_row, teacher, logits]
     )
     test.click(
-        lambda *v: check_teacher(*v),
+        session.for_user(limits, functools.partial(check_teacher, home, limits)),
         inputs=[teacher_kind, teacher, endpoint, api_key, api_key_env],
         outputs=[connection],
     )
     info_inputs = [teacher_kind, teacher, student, keep_layers, method, batch_size, logits]
     for control in info_inputs:
         control.change(lambda *v: student_md(*v), inputs=info_inputs, outputs=[student_info])
-    dataset_dir.focus(lambda: gr.update(choices=dataset_choices(home)), outputs=[dataset_dir])
-    teacher.focus(lambda: gr.update(choices=model_choices(home)), outputs=[teacher])
-    report_run.focus(lambda: gr.update(choices=report_choices(home)), outputs=[report_run])
+    for dropdown, choices in (
+        (dataset_dir, dataset_choices),
+        (teacher, model_choices),
+        (report_run, report_choices),
+    ):
+        dropdown.focus(
+            session.for_viewer(limits, lambda owner, c=choices: gr.update(choices=c(home, owner))),
+            outputs=[dropdown],
+        )
     report_run.change(
-        lambda r: show_report(home, r),
+        session.for_viewer(limits, lambda owner, r: show_report(home, r, owner)),
         inputs=[report_run],
         outputs=[report_md, ratios_plot, samples],
     )
-
-    def on_start(*values):
-        return submit_distill(runner, *values)
-
     start.click(
-        on_start,
+        session.for_user(limits, functools.partial(submit_distill, runner)),
         inputs=[
             dataset_dir,
             task,
@@ -215,7 +222,11 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         outputs=[chain, status, api_key],
     )
     timer = gr.Timer(2.0)
-    timer.tick(lambda c: chain_md(home, c), inputs=[chain], outputs=[status])
+    timer.tick(
+        session.for_viewer(limits, lambda owner, c: chain_md(home, c, owner)),
+        inputs=[chain],
+        outputs=[status],
+    )
 
 
 def _others(config_cls: type) -> list[str]:
@@ -247,8 +258,23 @@ def on_teacher_kind(kind: str):
     )
 
 
-def check_teacher(kind: str, teacher: str, endpoint: str, key: str, key_env: str) -> str:
+def check_teacher(
+    home: Path,
+    limits: Limits | None,
+    owner: str | None,
+    kind: str,
+    teacher: str,
+    endpoint: str,
+    key: str,
+    key_env: str,
+) -> str:
     """Answer within a few seconds whether the teacher can be used."""
+    typed = key or None  # None: the key comes from the environment variable
+    if limits is not None:  # a shared studio: the visitor's own key and models only
+        typed, key_env = key or "", ""
+        if kind != "Endpoint":
+            with store.connect(home) as db:
+                quota.check_paths(db, home, owner, {"teacher": teacher or ""})
     try:
         fields = SynthesizeConfig(
             dataset_dir="-",
@@ -258,7 +284,7 @@ def check_teacher(kind: str, teacher: str, endpoint: str, key: str, key_env: str
         )
         if kind == "Endpoint" and not fields.endpoint:
             raise ValueError("give the endpoint URL")
-        return "✅ " + check_connection(fields, key=(key or None))
+        return "✅ " + check_connection(fields, key=typed)
     except (StepError, ValueError) as e:
         return f"❌ {e}"
 
@@ -318,6 +344,7 @@ def student_md(
 
 def submit_distill(
     runner: JobRunner,
+    owner: str | None,
     dataset_dir: str,
     task: str,
     system_prompt: str,
@@ -383,22 +410,27 @@ def submit_distill(
         },
         "evaluate": {"max_rows": int(eval_rows or 40)},
     }
+    if runner.limits is not None:
+        spec["synthesize"]["api_key_env"] = ""  # the host's variables are not the visitor's
+        key_env = ""
     secrets = {API_KEY_ENV: key} if key and not key_env else {}
     try:
-        runs = distill.submit(runner, spec, secrets=secrets)
+        runs = distill.submit(runner, spec, secrets=secrets, owner=owner)
+    except (LimitReached, PermissionError) as e:
+        raise gr.Error(str(e)) from e
     except (ValueError, TypeError) as e:
         raise gr.Error(f"Can't start: {e}") from e
-    return runs, chain_md(runner.home, runs), ""  # the key field is cleared
+    return runs, chain_md(runner.home, runs, owner), ""  # the key field is cleared
 
 
-def chain_md(home: Path, runs: dict[str, str]) -> str:
+def chain_md(home: Path, runs: dict[str, str], owner: str | None = None) -> str:
     """One line per run of the chain: status, progress and message."""
     if not runs:
         return ""
     lines = []
     with store.connect(home) as db:
         for step, run_id in runs.items():
-            row = store.get_run(db, run_id)
+            row = store.get_run(db, run_id, owner)
             if row is None:
                 continue
             progress = f"{100 * (row['progress'] or 0):.0f}%"
@@ -409,16 +441,16 @@ def chain_md(home: Path, runs: dict[str, str]) -> str:
     return "\n".join(lines) + "\n\nThe Runs tab has each run's curves and log."
 
 
-def report_choices(home: Path) -> list[tuple[str, str]]:
+def report_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
     """Finished evaluations, newest first."""
     with store.connect(home) as db:
-        rows = store.list_runs(db, step="evaluate", status="succeeded")
+        rows = store.list_runs(db, step="evaluate", status="succeeded", owner=owner)
     return [(f"{r['name'] or r['id']} · {r['id']}", r["id"]) for r in rows]
 
 
-def show_report(home: Path, run_id: str) -> tuple[str, Any, pd.DataFrame]:
+def show_report(home: Path, run_id: str, owner: str | None = None) -> tuple[str, Any, pd.DataFrame]:
     """report_view for the page: the bar chart's axis always holds 0 and 100%."""
-    text, bars, samples = report_view(home, run_id)
+    text, bars, samples = report_view(home, run_id, owner)
     return text, gr.update(value=bars, y_lim=y_limits(bars)), samples
 
 
@@ -427,12 +459,14 @@ def y_limits(bars: pd.DataFrame) -> list[float]:
     return [min(0.0, min(values)), max(100.0, max(values))]
 
 
-def report_view(home: Path, run_id: str) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+def report_view(
+    home: Path, run_id: str, owner: str | None = None
+) -> tuple[str, pd.DataFrame, pd.DataFrame]:
     """The report's text and table, the three ratios as bars, and answers side by side."""
     if not run_id:
         return "", pd.DataFrame({"ratio": [], "percent": []}), pd.DataFrame()
     with store.connect(home) as db:
-        row = store.get_run(db, run_id)
+        row = store.get_run(db, run_id, owner)
     summary = json.loads(row["summary_json"] or "{}") if row else {}
     if "models" not in summary:
         return "This run has no report.", pd.DataFrame({"ratio": [], "percent": []}), pd.DataFrame()

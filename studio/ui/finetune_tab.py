@@ -3,6 +3,7 @@ models it made, grouped by base."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from pipelines import finetune
 from pipelines.finetune import FinetuneConfig
 from studio import store
 from studio.jobs import JobRunner
-from studio.ui import forms, runs_tab
+from studio.ui import forms, runs_tab, session
 
 HAND_LAID = (
     "dataset_dir",
@@ -41,17 +42,18 @@ ESTIMATE_FIELDS = (
 
 
 def build_tab(home: Path, runner: JobRunner) -> None:
+    limits, nobody = runner.limits, session.page_owner(runner.limits)
     with gr.Row():
         dataset_dir = gr.Dropdown(
             label="Dataset",
-            choices=dataset_choices(home),
+            choices=dataset_choices(home, nobody),
             value=None,
             info="Imported in the Data tab.",
             elem_id="ft-dataset",
         )
         base_model = gr.Dropdown(
             label="Base model",
-            choices=model_choices(home),
+            choices=model_choices(home, nobody),
             value="bundled",
             allow_custom_value=True,
             elem_id="ft-base",
@@ -64,6 +66,9 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         lora_alpha = gr.Number(precision=0, **_kwargs("lora_alpha"))
         epochs = gr.Number(**_kwargs("epochs"))
         max_steps = gr.Number(precision=0, **_kwargs("max_steps"))
+        if limits and limits.train_steps:  # a shared studio: whole epochs are not allowed
+            max_steps.value = min(max_steps.value or limits.train_steps, limits.train_steps)
+            max_steps.info = f"At most {limits.train_steps} on this shared studio."
     with gr.Row():
         learning_rate = gr.Number(**_kwargs("learning_rate"))
         batch_size = gr.Number(precision=0, **_kwargs("batch_size"))
@@ -77,7 +82,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     status = gr.HTML(elem_id="ft-status")
     report = gr.Markdown()
     gr.Markdown("### Models made here")
-    models = gr.Markdown(models_md(home))
+    models = gr.Markdown(models_md(home, nobody))
 
     gr.Markdown(
         "Try the models side by side in **Deploy → Playground** (the bundled model against "
@@ -88,13 +93,12 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     for control in fields:
         control.change(lambda *v: estimate_md(*v), inputs=fields, outputs=[estimate])
     for dropdown in (dataset_dir, base_model):
-        dropdown.focus(_refresh_choices(home, dropdown is dataset_dir), outputs=[dropdown])
-
-    def on_start(*values):
-        return submit_finetune(runner, *values)
-
+        dropdown.focus(
+            session.for_viewer(limits, _refresh_choices(home, dropdown is dataset_dir)),
+            outputs=[dropdown],
+        )
     start.click(
-        on_start,
+        session.for_user(limits, functools.partial(submit_finetune, runner)),
         inputs=[
             dataset_dir,
             base_model,
@@ -113,7 +117,9 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     )
     timer = gr.Timer(2.0)
     timer.tick(
-        lambda r: (*runs_tab.run_status(home, r), models_md(home)),
+        session.for_viewer(
+            limits, lambda owner, r: (*runs_tab.run_status(home, r, owner), models_md(home, owner))
+        ),
         inputs=[run_id],
         outputs=[status, report, models],
     )
@@ -124,16 +130,17 @@ def _kwargs(name: str) -> dict[str, Any]:
 
 
 def _refresh_choices(home: Path, datasets: bool):
-    def refresh():
-        return gr.update(choices=dataset_choices(home) if datasets else model_choices(home))
+    def refresh(owner: str | None):
+        choices = dataset_choices(home, owner) if datasets else model_choices(home, owner)
+        return gr.update(choices=choices)
 
     return refresh
 
 
-def dataset_choices(home: Path) -> list[tuple[str, str]]:
-    """(label, folder) of every imported dataset."""
+def dataset_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
+    """(label, folder) of every imported dataset (the owner's, when given)."""
     with store.connect(home) as db:
-        rows = store.artifacts(db, kind="dataset")
+        rows = store.artifacts(db, kind="dataset", owner=owner)
     return [
         (
             f"{a['name']} · {json.loads(a['meta_json'] or '{}').get('rows', '?')} rows · "
@@ -144,11 +151,12 @@ def dataset_choices(home: Path) -> list[tuple[str, str]]:
     ]
 
 
-def model_choices(home: Path) -> list[tuple[str, str]]:
+def model_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
     """The bundled model, then every model and adapter made here (newest first)."""
     choices = [("SmolLM2-135M-Instruct (bundled)", "bundled")]
     with store.connect(home) as db:
-        rows = store.artifacts(db, kind="model") + store.artifacts(db, kind="adapter")
+        rows = store.artifacts(db, kind="model", owner=owner)
+        rows += store.artifacts(db, kind="adapter", owner=owner)
     for a in sorted(rows, key=lambda a: a["id"], reverse=True):
         meta = json.loads(a["meta_json"] or "{}")
         choices.append(
@@ -161,10 +169,11 @@ def model_choices(home: Path) -> list[tuple[str, str]]:
     return choices
 
 
-def models_md(home: Path) -> str:
+def models_md(home: Path, owner: str | None = None) -> str:
     """Adapters and merged models grouped by their base model."""
     with store.connect(home) as db:
-        rows = store.artifacts(db, kind="adapter") + store.artifacts(db, kind="model")
+        rows = store.artifacts(db, kind="adapter", owner=owner)
+        rows += store.artifacts(db, kind="model", owner=owner)
     if not rows:
         return "None yet: finetune a model and it appears here (and in Quantize and Deploy)."
     groups: dict[str, list[str]] = {}
@@ -216,6 +225,7 @@ def estimate_md(
 
 def submit_finetune(
     runner: JobRunner,
+    owner: str | None,
     dataset_dir: str,
     base_model: str,
     method: str,
@@ -251,8 +261,8 @@ def submit_finetune(
     except (ValueError, TypeError) as e:
         raise gr.Error(f"Can't start: {e}") from e
     name = f"{config.method} {Path(dataset_dir).parent.parent.name} on {_short(config.base_model)}"
-    run_id = runner.submit("finetune", config, name=name)
-    return run_id, *runs_tab.run_status(runner.home, run_id)[:1]
+    run_id = runner.submit("finetune", config, name=name, owner=owner)
+    return run_id, *runs_tab.run_status(runner.home, run_id, owner)[:1]
 
 
 def _short(spec: str) -> str:

@@ -3,6 +3,7 @@ bitsandbytes), the quality gate's verdict with what to try next, and the quantiz
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from pipelines.quantize import SUPPORTED, QuantizeConfig, proposal
 from pipelines.tasks import PRESETS
 from studio import store
 from studio.jobs import JobRunner, config_of
-from studio.ui import forms, runs_tab, views
+from studio.ui import forms, runs_tab, session, views
 from studio.ui.distill_tab import answer_length
 from studio.ui.finetune_tab import dataset_choices, gpu_free_bytes, model_choices
 
@@ -49,6 +50,7 @@ TARGETS = [
 
 
 def build_tab(home: Path, runner: JobRunner) -> None:
+    limits, nobody = runner.limits, session.page_owner(runner.limits)
     gr.Markdown(
         "Make a model small and fast for the machine it will run on: an **ONNX Runtime "
         "GenAI** folder built by its model builder, then a **quality gate** that runs the "
@@ -58,7 +60,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     with gr.Row():
         model = gr.Dropdown(
             label="Model",
-            choices=model_choices(home),
+            choices=model_choices(home, nobody),
             value="bundled",
             allow_custom_value=True,
             elem_id="q-model",
@@ -77,7 +79,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     with gr.Row():
         dataset_dir = gr.Dropdown(
             label="Held-out prompts",
-            choices=[("12 built-in general prompts", ""), *dataset_choices(home)],
+            choices=prompt_choices(home, nobody),
             value="",
             elem_id="q-dataset",
             info="A dataset's test rows (with its task's metric), or the built-in prompts.",
@@ -100,21 +102,17 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     report = gr.Markdown(elem_id="q-report")
     retry = gr.Button(visible=False, elem_id="q-retry")
     gr.Markdown("### Quantized models")
-    made = gr.Markdown(quantized_md(home), elem_id="q-models")
+    made = gr.Markdown(quantized_md(home, nobody), elem_id="q-models")
 
     target.change(precision_choices, inputs=[target, precision], outputs=[precision])
     task.change(gate_answer_length, inputs=[task], outputs=[settings["max_new_tokens"]])
-    model.focus(lambda: gr.update(choices=model_choices(home)), outputs=[model])
-    dataset_dir.focus(
-        lambda: gr.update(choices=[("12 built-in general prompts", ""), *dataset_choices(home)]),
-        outputs=[dataset_dir],
-    )
-
-    def on_start(*values):
-        return submit_quantize(runner, *values)
-
+    for dropdown, choices in ((model, model_choices), (dataset_dir, prompt_choices)):
+        dropdown.focus(
+            session.for_viewer(limits, lambda owner, c=choices: gr.update(choices=c(home, owner))),
+            outputs=[dropdown],
+        )
     start.click(
-        on_start,
+        session.for_user(limits, functools.partial(submit_quantize, runner)),
         inputs=[
             model,
             target,
@@ -129,10 +127,21 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         ],
         outputs=[run_id, status],
     )
-    retry.click(lambda r: retry_quantize(runner, r), inputs=[run_id], outputs=[run_id, status])
+    retry.click(
+        session.for_user(limits, functools.partial(retry_quantize, runner)),
+        inputs=[run_id],
+        outputs=[run_id, status],
+    )
     timer = gr.Timer(2.0)
     timer.tick(
-        lambda r: (*runs_tab.run_status(home, r), quantized_md(home), retry_button(home, r)),
+        session.for_viewer(
+            limits,
+            lambda owner, r: (
+                *runs_tab.run_status(home, r, owner),
+                quantized_md(home, owner),
+                retry_button(home, r, owner),
+            ),
+        ),
         inputs=[run_id],
         outputs=[status, report, made, retry],
     )
@@ -157,8 +166,13 @@ def precision_choices(target: str, current: str):
     return gr.update(choices=choices, value=current if current in choices else choices[0])
 
 
+def prompt_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
+    return [("12 built-in general prompts", ""), *dataset_choices(home, owner)]
+
+
 def submit_quantize(
     runner: JobRunner,
+    owner: str | None,
     model: str,
     target: str,
     precision: str,
@@ -192,16 +206,16 @@ def submit_quantize(
             "bitsandbytes 4-bit/8-bit models run on NVIDIA GPUs, and this machine has none: "
             "choose the onnx format (int4 or int8 for a CPU)."
         )
-    run_id = runner.submit("quantize", config, name=config.recipe())
-    return run_id, runs_tab.run_status(runner.home, run_id)[0]
+    run_id = runner.submit("quantize", config, name=config.recipe(), owner=owner)
+    return run_id, runs_tab.run_status(runner.home, run_id, owner)[0]
 
 
-def _proposal(home: Path, run_id: str) -> QuantizeConfig | None:
+def _proposal(home: Path, run_id: str, owner: str | None = None) -> QuantizeConfig | None:
     """The next recipe for a finished quantize run whose gate failed (None otherwise)."""
     if not run_id:
         return None
     with store.connect(home) as db:
-        row = store.get_run(db, run_id)
+        row = store.get_run(db, run_id, owner)
     if row is None or row["step"] != "quantize" or row["status"] != "succeeded":
         return None
     gate = json.loads(row["summary_json"] or "{}").get("gate")
@@ -210,28 +224,30 @@ def _proposal(home: Path, run_id: str) -> QuantizeConfig | None:
     return proposal(config_of(row), gate["checks"])
 
 
-def retry_button(home: Path, run_id: str):
+def retry_button(home: Path, run_id: str, owner: str | None = None):
     """'Quantize again as <next recipe>' when the gate failed and another recipe can help."""
-    better = _proposal(home, run_id)
+    better = _proposal(home, run_id, owner)
     if better is None:
         return gr.update(visible=False)
     return gr.update(visible=True, value=f"Quantize again as {better.recipe()}")
 
 
-def retry_quantize(runner: JobRunner, run_id: str) -> tuple[str, str]:
+def retry_quantize(runner: JobRunner, owner: str | None, run_id: str) -> tuple[str, str]:
     """Queue the proposed recipe of a run whose gate failed."""
-    better = _proposal(runner.home, run_id)
+    better = _proposal(runner.home, run_id, owner)
     if better is None:
         raise gr.Error("This run's gate passed, or no other recipe would help.")
-    new_id = runner.submit("quantize", better, name=better.recipe())
-    return new_id, runs_tab.run_status(runner.home, new_id)[0]
+    new_id = runner.submit("quantize", better, name=better.recipe(), owner=owner)
+    return new_id, runs_tab.run_status(runner.home, new_id, owner)[0]
 
 
-def quantized_md(home: Path) -> str:
+def quantized_md(home: Path, owner: str | None = None) -> str:
     """Every ONNX (and bitsandbytes) model made here, with its gate verdict."""
     with store.connect(home) as db:
-        rows = store.artifacts(db, kind="onnx") + [
-            a for a in store.artifacts(db, kind="model") if "recipe" in (a["meta_json"] or "")
+        rows = store.artifacts(db, kind="onnx", owner=owner) + [
+            a
+            for a in store.artifacts(db, kind="model", owner=owner)
+            if "recipe" in (a["meta_json"] or "")
         ]
     if not rows:
         return "None yet: quantize a model and it appears here (and in Deploy)."

@@ -4,6 +4,7 @@ Playground, with the report of what was gained."""
 
 from __future__ import annotations
 
+import functools
 import html
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import gradio as gr
 
 from studio import deploy, quickstart
 from studio.jobs import JobRunner
-from studio.ui import views
+from studio.settings import Limits
+from studio.ui import session, views
 from studio.ui.deploy_tab import playground_choices
 
 SERVED_NAME = "quickstart-int4"
@@ -35,10 +37,13 @@ def build(home: Path, runner: JobRunner) -> dict[str, Any]:
 
 def wire(home: Path, runner: JobRunner, panel: dict[str, Any], tabs: Any, deploy_parts: dict):
     """Start button, the live status, and at the end: serve, select the model, open the chat."""
-    opened = gr.State(False)
-    panel["start"].click(lambda: start(runner), outputs=[panel["runs"], panel["status"], opened])
+    opened, limits = gr.State(False), runner.limits
+    panel["start"].click(
+        session.for_user(limits, functools.partial(start, runner)),
+        outputs=[panel["runs"], panel["status"], opened],
+    )
     gr.Timer(2.0).tick(
-        lambda runs, was_open: tick(home, runs, was_open),
+        session.for_viewer(limits, functools.partial(tick, home, limits)),
         inputs=[panel["runs"], opened],
         outputs=[
             panel["runs"],
@@ -52,14 +57,16 @@ def wire(home: Path, runner: JobRunner, panel: dict[str, Any], tabs: Any, deploy
     )
 
 
-def start(runner: JobRunner) -> tuple[dict[str, str], str, bool]:
-    runs = quickstart.submit(runner)
+def start(runner: JobRunner, owner: str | None) -> tuple[dict[str, str], str, bool]:
+    runs = quickstart.submit(runner, owner=owner)
     return runs, status_html(runner.home, runs), False
 
 
-def tick(home: Path, runs: dict[str, str], was_open: bool) -> tuple:
+def tick(
+    home: Path, limits: Limits | None, owner: str | None, runs: dict[str, str], was_open: bool
+) -> tuple:
     """Progress of each step; once the int4 model exists, serve it and open the Playground."""
-    runs = runs or quickstart.latest(home)
+    runs = runs or quickstart.latest(home, owner=owner)
     if not runs:
         return ({}, "", "", was_open, *(gr.skip(),) * 3)
     steps = quickstart.state(home, runs)
@@ -79,7 +86,9 @@ def tick(home: Path, runs: dict[str, str], was_open: bool) -> tuple:
         )
     if served is None:
         try:
-            server_id = deploy.start_server(home, {SERVED_NAME: str(folder)})
+            server_id = deploy.start_server(
+                home, {SERVED_NAME: str(folder)}, owner=owner, limits=limits
+            )
         except deploy.DeployError as e:
             return (
                 runs,
@@ -107,7 +116,7 @@ def tick(home: Path, runs: dict[str, str], was_open: bool) -> tuple:
         True,
         gr.Tabs(selected="deploy"),
         gr.Tabs(selected="deploy-playground"),
-        gr.update(choices=playground_choices(home), value=str(folder)),
+        gr.update(choices=playground_choices(home, owner), value=str(folder)),
     )
 
 

@@ -14,7 +14,8 @@ import pandas as pd
 from pipelines import STEPS
 from studio import deploy, store
 from studio.jobs import JobRunner, resumable
-from studio.ui import views
+from studio.quota import LimitReached
+from studio.ui import session, views
 
 CURVES = {
     "loss": ("loss", "eval_loss", "distill_loss"),
@@ -27,6 +28,7 @@ TABLE_HEADERS = ["run", "name", "step", "status", "progress", "created", "durati
 
 
 def build_tab(home: Path, runner: JobRunner) -> None:
+    limits, nobody = runner.limits, session.page_owner(runner.limits)
     with gr.Row():
         step = gr.Dropdown(choices=["", *STEPS], value="", label="Step", scale=1)
         status = gr.Dropdown(choices=["", *store.STATUSES], value="", label="Status", scale=1)
@@ -37,7 +39,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
             elem_id="runs-selected",
         )
     table = gr.Dataframe(
-        value=lambda: runs_table(home),
+        value=lambda: runs_table(home, owner=nobody),
         headers=TABLE_HEADERS,
         interactive=False,
         max_height=320,
@@ -75,7 +77,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         with gr.Tab("Compare"):
             compared = gr.Dropdown(
                 label="Runs to compare (2 to 4)",
-                choices=run_choices(home),
+                choices=run_choices(home, nobody),
                 multiselect=True,
                 max_choices=4,
                 elem_id="compare-runs",
@@ -105,27 +107,32 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         delete,
     ]
     table.select(select_row, inputs=[table], outputs=[run_id])
-    compared.focus(lambda: gr.update(choices=run_choices(home)), outputs=[compared])
+    compared.focus(
+        session.for_viewer(limits, lambda owner: gr.update(choices=run_choices(home, owner))),
+        outputs=[compared],
+    )
     for control in (compared, compared_curve):
         control.change(
-            lambda ids, key: compare(home, ids, key),
+            session.for_viewer(limits, lambda owner, ids, key: compare(home, ids, key, owner)),
             inputs=[compared, compared_curve],
             outputs=[compare_configs, compare_reports, compare_plot, compared_curve],
         )
 
-    def show(run_id: str, curve: str) -> tuple:
+    def show(owner: str | None, run_id: str, curve: str) -> tuple:
         run_id = run_id.strip()
-        return (*refresh_run(home, run_id, curve), *button_states(home, run_id))
+        return (*refresh_run(home, run_id, curve, owner), *button_states(home, run_id, owner))
 
-    run_id.change(show, inputs=[run_id, curve], outputs=run_outputs)
-    curve.change(show, inputs=[run_id, curve], outputs=run_outputs)
+    run_id.change(session.for_viewer(limits, show), inputs=[run_id, curve], outputs=run_outputs)
+    curve.change(session.for_viewer(limits, show), inputs=[run_id, curve], outputs=run_outputs)
     for control in (step, status):
         control.change(
-            lambda s, st: runs_table(home, s, st), inputs=[step, status], outputs=[table]
+            session.for_viewer(limits, lambda owner, s, st: runs_table(home, s, st, owner)),
+            inputs=[step, status],
+            outputs=[table],
         )
 
     def act(action):
-        return lambda r: action(runner, r)
+        return session.for_user(limits, lambda owner, r: action(runner, r, owner))
 
     cancel.click(act(cancel_run), inputs=[run_id], outputs=[header])
     rerun.click(act(rerun_run), inputs=[run_id], outputs=[run_id])
@@ -133,15 +140,20 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     delete.click(act(delete_run), inputs=[run_id], outputs=[run_id])
     timer = gr.Timer(2.0)
     timer.tick(
-        lambda s, st, r, c: (runs_table(home, s, st), *show(r, c)),
+        session.for_viewer(
+            limits,
+            lambda owner, s, st, r, c: (runs_table(home, s, st, owner), *show(owner, r, c)),
+        ),
         inputs=[step, status, run_id, curve],
         outputs=[table, *run_outputs],
     )
 
 
-def runs_table(home: Path, step: str = "", status: str = "") -> list[list[Any]]:
+def runs_table(
+    home: Path, step: str = "", status: str = "", owner: str | None = None
+) -> list[list[Any]]:
     with store.connect(home) as db:
-        rows = store.list_runs(db, step=step or None, status=status or None, limit=200)
+        rows = store.list_runs(db, step=step or None, status=status or None, limit=200, owner=owner)
     return [
         [
             r["id"],
@@ -162,13 +174,15 @@ def select_row(table: Any, evt: gr.SelectData) -> str:
     return row[0]
 
 
-def refresh_run(home: Path, run_id: str | None, curve: str = "loss") -> tuple:
+def refresh_run(
+    home: Path, run_id: str | None, curve: str = "loss", owner: str | None = None
+) -> tuple:
     """Everything the run page shows; reads SQLite and the log file only."""
     empty = ("Pick a run in the table.", "", "", None, "", "", "", "")
     if not run_id:
         return empty
     with store.connect(home) as db:
-        row = store.get_run(db, run_id)
+        row = store.get_run(db, run_id, owner)
         if row is None:
             return (f"No run `{run_id}`.", *empty[1:])
         metric_rows = store.metrics(db, run_id)
@@ -179,7 +193,7 @@ def refresh_run(home: Path, run_id: str | None, curve: str = "loss") -> tuple:
         paths = {str((Path(home) / a["path"]).resolve()) for a in outputs}
     served = [  # refreshed: a server whose process is gone is not shown as serving
         f"{server['host']}:{server['port']}"
-        for server in deploy.refresh(home)
+        for server in deploy.refresh(home, owner)
         if server["status"] in store.SERVER_LIVE
         and paths & {str(Path(p).resolve()) for p in server["models"].values()}
     ]
@@ -196,10 +210,10 @@ def refresh_run(home: Path, run_id: str | None, curve: str = "loss") -> tuple:
     )
 
 
-def button_states(home: Path, run_id: str) -> tuple:
+def button_states(home: Path, run_id: str, owner: str | None = None) -> tuple:
     """Cancel, Resume and Delete are clickable only when they can do something."""
     with store.connect(home) as db:
-        row = store.get_run(db, run_id) if run_id else None
+        row = store.get_run(db, run_id, owner) if run_id else None
     if row is None:
         return (gr.update(interactive=False),) * 3
     return (
@@ -209,12 +223,12 @@ def button_states(home: Path, run_id: str) -> tuple:
     )
 
 
-def run_status(home: Path, run_id: str) -> tuple[str, str]:
+def run_status(home: Path, run_id: str, owner: str | None = None) -> tuple[str, str]:
     """A submitted run's progress bar, and its report once it ended (the tabs poll this)."""
     if not run_id:
         return gr.skip(), gr.skip()
     with store.connect(home) as db:
-        row = store.get_run(db, run_id)
+        row = store.get_run(db, run_id, owner)
     if row is None:
         return "", ""
     header = f"Run <code>{run_id}</code> ({row['name']}) · {views.progress_html(row)}"
@@ -261,20 +275,22 @@ REPORT_KEYS = (
 )
 
 
-def run_choices(home: Path) -> list[tuple[str, str]]:
+def run_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
     with store.connect(home) as db:
-        rows = store.list_runs(db, limit=200)
+        rows = store.list_runs(db, limit=200, owner=owner)
     return [(f"{r['id']} · {r['step']} · {r['name']} · {r['status']}", r["id"]) for r in rows]
 
 
-def compare(home: Path, run_ids: list[str] | None, curve: str | None) -> tuple:
+def compare(
+    home: Path, run_ids: list[str] | None, curve: str | None, owner: str | None = None
+) -> tuple:
     """Two to four runs side by side: configs with the differences marked, their reports in
     one table, and one metric's curves overlaid."""
-    run_ids = list(run_ids or [])[:4]
-    if len(run_ids) < 2:
-        return None, None, None, gr.update(choices=[])
     with store.connect(home) as db:
-        rows = [store.get_run(db, r) for r in run_ids]
+        rows = [r for r in (store.get_run(db, i, owner) for i in (run_ids or [])[:4]) if r]
+        run_ids = [r["id"] for r in rows]
+        if len(run_ids) < 2:
+            return None, None, None, gr.update(choices=[])
         metric_rows = {r: store.metrics(db, r) for r in run_ids}
     configs = [_flat(json.loads(row["config_json"])) for row in rows]
     keys = sorted(set().union(*configs))
@@ -349,10 +365,12 @@ def cli_command(home: Path, row: dict[str, Any]) -> str:
     return f"slmops run {row['step']} --config {shlex.quote(str(config))} --follow"
 
 
-def cancel_run(runner: JobRunner, run_id: str) -> str:
+def cancel_run(runner: JobRunner, run_id: str, owner: str | None = None) -> str:
     if not run_id:
         raise gr.Error("Pick a run first.")
-    outcome = runner.cancel(run_id)
+    outcome = runner.cancel(run_id, owner)
+    if outcome == "unknown":
+        raise gr.Error(f"No run {run_id} of yours.")
     if outcome == "finished":
         gr.Warning(f"Run {run_id} has already finished; nothing to cancel.")
     else:
@@ -360,19 +378,24 @@ def cancel_run(runner: JobRunner, run_id: str) -> str:
     return gr.skip()
 
 
-def rerun_run(runner: JobRunner, run_id: str) -> str:
+def rerun_run(runner: JobRunner, run_id: str, owner: str | None = None) -> str:
     if not run_id:
         raise gr.Error("Pick a run first.")
-    new_id = runner.rerun(run_id)
+    try:
+        new_id = runner.rerun(run_id, owner)
+    except ValueError as e:  # LimitReached is one
+        raise gr.Error(str(e)) from e
     gr.Info(f"Queued {new_id} with the same config as {run_id}.")
     return new_id
 
 
-def resume_run(runner: JobRunner, run_id: str) -> str:
+def resume_run(runner: JobRunner, run_id: str, owner: str | None = None) -> str:
     if not run_id:
         raise gr.Error("Pick a run first.")
     try:
-        new_id = runner.resume(run_id)
+        new_id = runner.resume(run_id, owner)
+    except LimitReached as e:
+        raise gr.Error(str(e)) from e
     except ValueError as e:
         raise gr.Error(
             f"{e}. Only a stopped run that saved checkpoints can resume; use Re-run to start over."
@@ -381,11 +404,11 @@ def resume_run(runner: JobRunner, run_id: str) -> str:
     return new_id
 
 
-def delete_run(runner: JobRunner, run_id: str) -> str:
+def delete_run(runner: JobRunner, run_id: str, owner: str | None = None) -> str:
     if not run_id:
         raise gr.Error("Pick a run first.")
-    if not runner.delete(run_id):
-        raise gr.Error(f"Run {run_id} is still queued or running: cancel it first.")
+    if not runner.delete(run_id, owner):
+        raise gr.Error(f"Run {run_id} is still queued or running (or not yours): cancel it first.")
     gr.Info(f"Deleted run {run_id} and its files.")
     return ""
 

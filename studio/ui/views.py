@@ -69,6 +69,11 @@ def dataset_report_md(stats: dict[str, Any]) -> str:
         f"**{stats['rows_read']}** rows read · **{stats['rows_kept']}** kept · "
         f"**{dropped}** dropped · shape **{stats['shape']}**"
     ]
+    if stats.get("stopped_at_max_rows"):
+        lines.append(
+            f"\n\n⚠️ Only the first **{stats['stopped_at_max_rows']:,}** rows were read (Max "
+            "rows, or this shared studio's limit per dataset); the file has more."
+        )
     if stats.get("splits"):
         lines.append("\n\nSplits: " + ", ".join(f"{k} **{v}**" for k, v in stats["splits"].items()))
     if stats.get("dropped"):

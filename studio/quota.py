@@ -1,0 +1,89 @@
+"""Hosted mode: what each user may queue and read (their own runs and files, within limits)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from pipelines.dataset import SAMPLE_DATASET
+from pipelines.models import bundled_gguf, models_dir
+from studio import store
+from studio.settings import Limits
+
+
+class LimitReached(ValueError):
+    """A hosted user asked for more than the studio allows; the message says what to change."""
+
+
+def check_room(db: Database, limits: Limits, owner: str, runs: int) -> None:
+    """LimitReached unless the owner may queue `runs` more runs (a chain queues several)."""
+    active = store.active_runs(db, owner)
+    if limits.queued_runs and active + runs > limits.queued_runs:
+        raise LimitReached(
+            f"You have {active} runs queued or running, and this shared studio runs at most "
+            f"{limits.queued_runs} per user at once"
+            + (f" (this needs {runs})" if runs > 1 else "")
+            + ". Wait for one to finish, or cancel one in the Runs tab."
+        )
+
+
+def check_submit(
+    db: Database,
+    home: Path,
+    limits: Limits,
+    owner: str,
+    step: str,
+    config: dict[str, Any],
+    room: int = 1,
+) -> dict[str, Any]:
+    """Raise LimitReached (or PermissionError for someone else's files) unless the owner may
+    queue `room` runs like this one; returns the config with the row limit applied."""
+    if room:
+        check_room(db, limits, owner, room)
+    steps = config.get("max_steps")
+    if limits.train_steps and step == "finetune" and not 0 < (steps or 0) <= limits.train_steps:
+        raise LimitReached(
+            f"This shared studio trains at most {limits.train_steps} steps per run: set Max "
+            f"steps to {limits.train_steps} or less"
+            + (" (it is 0, which trains whole epochs)." if not steps else f" (it is {steps}).")
+        )
+    check_paths(db, home, owner, config)
+    if step == "dataset" and limits.rows and not 0 < config.get("max_rows", 0) <= limits.rows:
+        config = {**config, "max_rows": limits.rows}
+    return config
+
+
+def check_paths(db: Database, home: Path, owner: str, config: dict[str, Any]) -> None:
+    """Every local path in a config must be the owner's (their runs and uploads), the bundled
+    model, the sample dataset or the converted-models cache."""
+    home = Path(home).resolve()
+    shared = [models_dir(), SAMPLE_DATASET.parent.resolve()]
+    if bundled_gguf() is not None:
+        shared.append(bundled_gguf().parent.resolve())
+    own_uploads = store.uploads_dir(home, owner).resolve()
+    for value in _strings(config):
+        path = Path(value).expanduser().resolve()
+        if any(path == root or root in path.parents for root in [*shared, own_uploads]):
+            continue
+        if home in path.parents or path == home:
+            parts = path.relative_to(home).parts
+            if len(parts) >= 2 and parts[0] == "runs" and store.get_run(db, parts[1], owner):
+                continue
+        elif not path.exists():
+            continue  # not a local path: a Hub id, a URL, a prompt
+        raise PermissionError(
+            f"'{value}' is not yours to use: on this shared studio a run reads only your own "
+            "datasets and models, the bundled model and the sample dataset."
+        )
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value] if value and "\n" not in value and len(value) < 4096 else []
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []

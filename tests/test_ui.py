@@ -20,7 +20,7 @@ def settings(home):
     return Settings(home=home, max_upload_mb=1)
 
 
-def _import(runner, settings, files, tokenizer, name="support", **overrides):
+def _import(runner, settings, files, tokenizer, name="support", owner=None, **overrides):
     values = {"roles": [""] * ROLES, "system": "", "shares": (0.9, 0.1, 0.0)} | overrides
     advanced = {
         "tokenizer_model": str(tokenizer),
@@ -37,7 +37,7 @@ def _import(runner, settings, files, tokenizer, name="support", **overrides):
     return data_tab.submit_import(
         runner,
         settings,
-        None,
+        owner,
         files,
         "",
         "",

@@ -247,7 +247,7 @@ def submit_import(
     if limit_mb and total_mb > limit_mb:
         raise gr.Error(
             f"These files hold {total_mb:.1f} MB, and this shared studio takes at most "
-            f"{limit_mb} MB per import: upload fewer or smaller files (or set Max rows)."
+            f"{limit_mb} MB per import: upload fewer or smaller files."
         )
     names = forms.form_fields(DatasetConfig, exclude=HAND_LAID)
     try:

@@ -33,8 +33,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_app(home: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "STUDIO_HOME": str(home), "STUDIO_PORT": str(port)}
+def _start_app(home: Path, port: int, **env_vars: str) -> subprocess.Popen:
+    env = {**os.environ, "STUDIO_HOME": str(home), "STUDIO_PORT": str(port), **env_vars}
     proc = subprocess.Popen(
         [sys.executable, "app.py"],
         cwd=ROOT,
@@ -205,6 +205,57 @@ def test_quick_start_shows_its_steps_and_a_run_is_canceled(tmp_path, browser):
         expect(page.locator("#compare-configs")).to_contain_text("base_model")
         expect(page.locator("#compare-reports")).to_contain_text("failed")
         page.close()
+    finally:
+        app.terminate()
+        app.wait(10)
+
+
+def test_a_shared_studio_keeps_each_users_runs_to_themselves(tmp_path, browser):
+    """Hosted mode with password sign-in: alice imports the sample dataset; bob, signed in
+    elsewhere, sees none of it, and is told the upload limit when he passes it."""
+    from playwright.sync_api import expect
+
+    home, port = tmp_path / "home", _free_port()
+    app = _start_app(
+        home,
+        port,
+        STUDIO_HOSTED="1",
+        STUDIO_USERS="alice:alice-pw,bob:bob-pw",
+        STUDIO_LIMIT_UPLOAD_MB="1",
+    )
+
+    def sign_in(name: str):
+        page = browser.new_context().new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.get_by_label("username").fill(name)
+        page.get_by_label("password").fill(f"{name}-pw")
+        page.get_by_role("button", name="Login").click()
+        expect(page.locator("#signed-in")).to_contain_text(f"Signed in as {name}", timeout=20_000)
+        return page
+
+    try:
+        alice = sign_in("alice")
+        expect(alice.locator("#signed-in")).to_contain_text("uploads up to 1 MB")
+        alice.get_by_role("button", name="Use the sample dataset", exact=False).click()
+        expect(alice.locator("#data-detected")).to_contain_text("classification", timeout=20_000)
+        alice.locator("#data-import").click()
+        expect(alice.locator("#data-import-status")).to_contain_text("succeeded", timeout=90_000)
+        alice.get_by_role("tab", name="Runs").click()
+        expect(alice.locator("#runs-table")).to_contain_text("support_intents", timeout=10_000)
+
+        bob = sign_in("bob")
+        bob.get_by_role("tab", name="Runs").click()
+        time.sleep(3)  # a tick of the table has come and gone
+        expect(bob.locator("#runs-table")).not_to_contain_text("support_intents")
+        bob.get_by_role("tab", name="Data").click()
+        big = tmp_path / "big.csv"
+        big.write_text("text,label\n" + "x" * (2 * 2**20) + ",a\n")
+        bob.locator("#data-files input[type=file]").set_input_files(str(big))
+        expect(bob.get_by_text("exceed the maximum allowed size").first).to_be_visible(
+            timeout=10_000
+        )
+        bob.locator("#data-chosen input").click()
+        expect(bob.get_by_role("option", name="support_intents")).to_have_count(0)
     finally:
         app.terminate()
         app.wait(10)

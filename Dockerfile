@@ -12,8 +12,12 @@ COPY --chown=user . .
 RUN pip install --no-cache-dir --no-deps -e .
 
 USER user
+# STUDIO_HOSTED: a shared studio (sign in with Hugging Face, each visitor's own runs, limits);
+# /data is the Space's persistent storage: runs, models, uploads and the Hub cache survive restarts
 ENV HOME=/home/user \
     STUDIO_HOME=/data \
+    STUDIO_HOSTED=1 \
+    HF_HOME=/data/.huggingface \
     STUDIO_HOST=0.0.0.0 \
     STUDIO_PORT=7860 \
     PYTHONUNBUFFERED=1 \

@@ -259,3 +259,60 @@ def test_a_shared_studio_keeps_each_users_runs_to_themselves(tmp_path, browser):
     finally:
         app.terminate()
         app.wait(10)
+
+
+def test_finetune_quantize_and_distill_clicked_to_the_end(tmp_path, browser, bpe_lm):
+    """A new user's walk through the training tabs, each run clicked to its end: import the
+    sample, finetune a (tiny) model on it, quantize the result with the gate, and distil it."""
+    import re
+
+    from playwright.sync_api import expect
+
+    home, port = tmp_path / "home", _free_port()
+    app = _start_app(home, port)
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.get_by_role("button", name="Use the sample dataset", exact=False).click()
+        expect(page.locator("#data-detected")).to_contain_text("classification", timeout=20_000)
+        page.locator("#data-import").click()
+        expect(page.locator("#data-import-status")).to_contain_text("succeeded", timeout=90_000)
+
+        page.get_by_role("tab", name="Finetune").click()
+        page.locator("#ft-dataset input").click()
+        page.get_by_role("option", name="support_intents").first.click()
+        base = page.locator("#ft-base input")
+        base.fill(str(bpe_lm))
+        base.press("Enter")
+        page.locator("#ft-steps input").fill("2")
+        page.locator("#ft-start").click()
+        expect(page.locator("#ft-status")).to_contain_text("succeeded", timeout=120_000)
+
+        page.get_by_role("tab", name="Quantize").click()
+        page.locator("#q-model input").click()
+        page.get_by_role("option", name=re.compile("model merged")).first.click()
+        page.locator("#q-start").click()
+        expect(page.locator("#q-report")).to_contain_text(re.compile("PASS|FAIL"), timeout=180_000)
+        expect(page.locator("#q-models")).to_contain_text("onnx")
+
+        page.get_by_role("tab", name="Distill").click()
+        page.locator("#distill-dataset input").click()
+        page.get_by_role("option", name="support_intents").first.click()
+        page.locator("#distill-task input").click()
+        page.get_by_role("option", name="Conversation (free answers)").click()
+        teacher = page.locator("#distill-teacher input")
+        teacher.fill(str(bpe_lm))
+        teacher.press("Enter")
+        page.locator("#distill-keep input").fill("1")
+        page.locator("#distill-steps input").fill("2")
+        page.locator("#distill-rows input").fill("4")
+        page.get_by_text("Teacher settings").click()
+        page.locator("#distill-teacher-rows input").fill("8")
+        page.locator("#distill-start").click()
+        status = page.locator("#distill-status")
+        expect(status).to_contain_text(re.compile(r"evaluate.*succeeded"), timeout=180_000)
+        expect(status).not_to_contain_text("failed")
+        page.close()
+    finally:
+        app.terminate()
+        app.wait(10)

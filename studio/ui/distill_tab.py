@@ -55,13 +55,17 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     gr.Markdown("### 1. Data and task")
     with gr.Row():
         dataset_dir = gr.Dropdown(
-            label="Dataset", choices=dataset_choices(home, nobody), info="Imported in the Data tab."
+            label="Dataset",
+            choices=dataset_choices(home, nobody),
+            info="Imported in the Data tab.",
+            elem_id="distill-dataset",
         )
         task = gr.Dropdown(
             label="Task",
             choices=[(p["label"], name) for name, p in PRESETS.items()],
             value="classification",
             info="Sets the teacher's prompts, the check a valid answer passes, and the metric.",
+            elem_id="distill-task",
         )
     with gr.Accordion("Prompts (custom task, or override a preset)", open=False):
         system_prompt = gr.Textbox(lines=2, **_kwargs(SynthesizeConfig, "system_prompt"))
@@ -102,6 +106,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         connection = gr.Markdown(elem_id="distill-connection")
     with gr.Accordion("Teacher settings", open=False):
         teacher_form = forms.build_form(SynthesizeConfig, exclude=_others(SynthesizeConfig))
+        teacher_form["max_rows"].elem_id = "distill-teacher-rows"
 
     teacher_form["max_new_tokens"].value = answer_length("classification")  # the default task
     gr.Markdown("### 3. Student")
@@ -118,6 +123,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
             precision=0,
             label="Keep layers",
             info="Pruned copy: how many of the teacher's layers the student keeps.",
+            elem_id="distill-keep",
         )
         method = gr.Radio(
             choices=["lora", "full"],
@@ -127,7 +133,12 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         )
     with gr.Row():
         epochs = gr.Number(**_kwargs(FinetuneConfig, "epochs"))
-        max_steps = gr.Number(precision=0, **_kwargs(FinetuneConfig, "max_steps"))
+        max_steps = gr.Number(
+            precision=0, elem_id="distill-steps", **_kwargs(FinetuneConfig, "max_steps")
+        )
+        if limits and limits.train_steps:  # a shared studio: whole epochs are not allowed
+            max_steps.value = limits.train_steps
+            max_steps.info = f"At most {limits.train_steps} on this shared studio."
         learning_rate = gr.Number(**{**_kwargs(FinetuneConfig, "learning_rate"), "value": 1e-4})
         batch_size = gr.Number(precision=0, **_kwargs(FinetuneConfig, "batch_size"))
     with gr.Row():
@@ -138,7 +149,9 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         )
         distill_loss = gr.Radio(choices=["kl", "jsd"], **_kwargs(FinetuneConfig, "distill_loss"))
         eval_rows = gr.Number(
-            precision=0, **{**_kwargs(EvaluateConfig, "max_rows"), "label": "Report rows"}
+            precision=0,
+            elem_id="distill-rows",
+            **{**_kwargs(EvaluateConfig, "max_rows"), "label": "Report rows"},
         )
     with gr.Accordion("Student settings", open=False):
         student_form = forms.build_form(FinetuneConfig, exclude=_others(FinetuneConfig))

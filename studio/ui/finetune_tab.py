@@ -65,7 +65,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         lora_r = gr.Number(precision=0, **_kwargs("lora_r"))
         lora_alpha = gr.Number(precision=0, **_kwargs("lora_alpha"))
         epochs = gr.Number(**_kwargs("epochs"))
-        max_steps = gr.Number(precision=0, **_kwargs("max_steps"))
+        max_steps = gr.Number(precision=0, elem_id="ft-steps", **_kwargs("max_steps"))
         if limits and limits.train_steps:  # a shared studio: whole epochs are not allowed
             max_steps.value = min(max_steps.value or limits.train_steps, limits.train_steps)
             max_steps.info = f"At most {limits.train_steps} on this shared studio."

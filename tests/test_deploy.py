@@ -67,6 +67,7 @@ def test_server_lifecycle_snippets_benchmark_and_card(made_onnx, home):
         time.sleep(0.2)
     assert not deploy._alive(row["pid"])
     assert deploy.refresh(home)[0]["status"] == "stopped"
+    _assert_secret_nowhere(home, "sk-deploy")  # the server's log, the benchmark's, the card
 
 
 def test_a_server_that_cannot_start_is_marked_failed(home, tmp_path):

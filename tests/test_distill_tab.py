@@ -11,6 +11,7 @@ from studio import store
 from studio.jobs import JobRunner
 from studio.ui import distill_tab, forms, views
 from tests.openai_server import FakeOpenAI
+from tests.test_deploy import _assert_secret_nowhere
 from tests.test_distill import label_of
 
 
@@ -128,9 +129,7 @@ def test_an_api_key_typed_in_never_lands_on_disk(home, tiny_lm, tiny_dataset):
     with store.connect(home) as db:
         statuses = {s: store.get_run(db, r)["status"] for s, r in runs.items()}
     assert statuses == dict.fromkeys(runs, "succeeded")
-    for path in home.rglob("*"):
-        if path.is_file():
-            assert b"sk-secret-123" not in path.read_bytes(), path
+    _assert_secret_nowhere(home, "sk-secret-123")
 
 
 def test_logits_from_an_endpoint_are_refused(home, tiny_dataset):

@@ -15,6 +15,8 @@ import pytest
 from studio import store
 from studio.jobs import JobRunner
 
+pytestmark = pytest.mark.slow  # kill -9 cycles and 50 concurrent runs: the slow group
+
 ROOT = Path(__file__).resolve().parent.parent
 APP = """
 import sys, time

@@ -261,6 +261,7 @@ def test_a_shared_studio_keeps_each_users_runs_to_themselves(tmp_path, browser):
         app.wait(10)
 
 
+@pytest.mark.timeout(600)
 def test_finetune_quantize_and_distill_clicked_to_the_end(tmp_path, browser, bpe_lm):
     """A new user's walk through the training tabs, each run clicked to its end: import the
     sample, finetune a (tiny) model on it, quantize the result with the gate, and distil it."""

@@ -585,9 +585,7 @@ def submit_publish(
 ) -> tuple[str, str]:
     """Queue a publish run; the token (typed, or on a shared studio the user's own sign-in
     token, never the host's) reaches it through the environment only."""
-    owner = session.viewer(runner.limits, request)
-    if owner == session.NOBODY:
-        raise gr.Error(session.SIGN_IN)
+    owner = session.actor(runner.limits, request)
     if not path:
         raise gr.Error("Pick an artifact to publish.")
     token = (token or "").strip()

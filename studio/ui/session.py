@@ -51,6 +51,20 @@ def viewer(limits: Limits | None, request: gr.Request | None) -> str | None:
     return NOBODY if user is None else user.name
 
 
+def actor(limits: Limits | None, request: gr.Request | None) -> str | None:
+    """The viewer of a request that acts: gr.Error when a hosted studio's visitor has not
+    signed in."""
+    owner = viewer(limits, request)
+    if owner == NOBODY:
+        raise gr.Error(SIGN_IN)
+    return owner
+
+
+def _named(handler: Callable[..., Any], fn: Callable[..., Any]) -> Callable[..., Any]:
+    handler.__name__ = getattr(getattr(fn, "func", fn), "__name__", "handler")  # the API name
+    return handler
+
+
 def with_request(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A Gradio handler calling fn(request, *inputs) (Gradio passes the request only to a
     function whose parameter is annotated gr.Request: not to a lambda or a partial)."""
@@ -58,32 +72,22 @@ def with_request(fn: Callable[..., Any]) -> Callable[..., Any]:
     def handler(request: gr.Request, *inputs: Any) -> Any:
         return fn(request, *inputs)
 
-    handler.__name__ = getattr(getattr(fn, "func", fn), "__name__", "handler")
-    return handler
+    return _named(handler, fn)
 
 
 def for_viewer(limits: Limits | None, fn: Callable[..., Any]) -> Callable[..., Any]:
     """A Gradio handler that reads (a list, a poll): fn(owner, *inputs) with the viewer."""
-    handler = with_request(lambda request, *inputs: fn(viewer(limits, request), *inputs))
-    handler.__name__ = getattr(getattr(fn, "func", fn), "__name__", "handler")
-    return handler
+    return _named(with_request(lambda request, *inputs: fn(viewer(limits, request), *inputs)), fn)
 
 
 def for_user(limits: Limits | None, fn: Callable[..., Any]) -> Callable[..., Any]:
     """A Gradio handler that acts (submit, cancel, serve): fn(owner, *inputs); a hosted
     studio's visitor must have signed in, and a limit reached is shown as the error it is."""
-
-    def owner_of(request: gr.Request) -> str | None:
-        owner = viewer(limits, request)
-        if owner == NOBODY:
-            raise gr.Error(SIGN_IN)
-        return owner
-
     if inspect.isgeneratorfunction(getattr(fn, "func", fn)):  # a streamed reply
 
         def handler(request: gr.Request, *inputs: Any) -> Any:
             try:
-                yield from fn(owner_of(request), *inputs)
+                yield from fn(actor(limits, request), *inputs)
             except (LimitReached, PermissionError) as e:
                 raise gr.Error(str(e)) from e
 
@@ -91,12 +95,11 @@ def for_user(limits: Limits | None, fn: Callable[..., Any]) -> Callable[..., Any
 
         def handler(request: gr.Request, *inputs: Any) -> Any:
             try:
-                return fn(owner_of(request), *inputs)
+                return fn(actor(limits, request), *inputs)
             except (LimitReached, PermissionError) as e:
                 raise gr.Error(str(e)) from e
 
-    handler.__name__ = getattr(getattr(fn, "func", fn), "__name__", "handler")
-    return handler
+    return _named(handler, fn)
 
 
 def page_owner(limits: Limits | None) -> str | None:

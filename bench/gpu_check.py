@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipelines import dataset, finetune, quantize  # noqa: E402
-from pipelines.gate import format_report  # noqa: E402
+from pipelines.lib.gate import format_report  # noqa: E402
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipelines import quantize  # noqa: E402
 from pipelines.base import print_event  # noqa: E402
-from pipelines.gate import format_report  # noqa: E402
-from pipelines.models import bundled_model_dir  # noqa: E402
+from pipelines.lib.gate import format_report  # noqa: E402
+from pipelines.lib.models import bundled_model_dir  # noqa: E402
 
 
 def main() -> None:

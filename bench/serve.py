@@ -33,7 +33,7 @@ def raw_decode_tokens_per_s(folder: str, prompts) -> float:
     """onnxruntime-genai's Generator, one prompt at a time: decode tokens/s after the first."""
     import onnxruntime_genai as og
 
-    from pipelines.onnx_model import load_model
+    from pipelines.lib.onnx_model import load_model
 
     model = load_model(folder)  # the same threads as the server
     tokenizer = og.Tokenizer(model)
@@ -84,7 +84,7 @@ def main() -> None:
         folder = args.model
         if not folder:
             from pipelines import quantize
-            from pipelines.models import bundled_model_dir
+            from pipelines.lib.models import bundled_model_dir
 
             config = quantize.QuantizeConfig(model=str(bundled_model_dir()), gate=False)
             quantize.run(config, Path(tmp), lambda event: None)

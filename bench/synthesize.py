@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipelines import dataset  # noqa: E402
-from pipelines.generation import Endpoint, LocalModel, Sampling, TeacherFields  # noqa: E402
+from pipelines.lib.generation import Endpoint, LocalModel, Sampling, TeacherFields  # noqa: E402
 from tests.openai_server import FakeOpenAI  # noqa: E402
 
 

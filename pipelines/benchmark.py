@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pipelines.base import (
     main,
     option,
 )
+from pipelines.lib.hardware import hardware
 
 PROMPTS = Path(__file__).parent / "samples" / "bench_prompts.jsonl"
 API_KEY_ENV = "STUDIO_RUNTIME_API_KEY"  # the runtime's key; the studio passes it to the run
@@ -80,33 +80,6 @@ def api_base(url: str) -> str:
     """'http://h:8000', 'http://h:8000/v1/' -> 'http://h:8000/v1'."""
     base = url.rstrip("/")
     return base if base.endswith("/v1") else base + "/v1"
-
-
-def hardware() -> str:
-    """The machine in a few words, for reports and model cards: CPU model, cores, GPU."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores"
-    try:
-        import subprocess
-
-        gpu = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        if gpu:
-            text += f", {gpu.splitlines()[0]}"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return text
 
 
 def load_prompts(path: str = "") -> list[list[dict[str, str]]]:

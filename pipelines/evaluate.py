@@ -24,8 +24,10 @@ from pipelines.base import (
     main,
     option,
 )
-from pipelines.generation import Reply, TeacherFields, memory_sampler, open_model
-from pipelines.tasks import Task, TaskFields, dataset_labels
+from pipelines.lib.dataset_folder import dataset_labels, held_out
+from pipelines.lib.generation import TeacherFields, memory_sampler, open_model
+from pipelines.lib.sampling import Reply
+from pipelines.lib.tasks import Task, TaskFields
 
 ROLES = ("teacher", "student", "student_base")
 SAMPLES = 8  # rows shown side by side in the report
@@ -108,20 +110,6 @@ def run(config: EvaluateConfig, workdir: Path, report: Reporter) -> StepResult:
     return StepResult(
         artifacts=[("report", "report.json", {"name": f"{task.name} report", **summary["ratios"]})],
         summary=summary,
-    )
-
-
-def held_out(folder: Path, split: str, max_rows: int) -> tuple[list[dict[str, Any]], str]:
-    """Up to max_rows rows of a dataset's split (else its validation or test split)."""
-    for name in dict.fromkeys((split, "validation", "test")):
-        path = folder / f"{name}.jsonl"
-        if path.exists() and path.stat().st_size:
-            with path.open(encoding="utf-8") as f:
-                rows = [json.loads(line) for _, line in zip(range(max_rows), f, strict=False)]
-            return rows, name
-    raise StepError(
-        f"{folder} has no test or validation rows to score: import the dataset with a test "
-        "or validation share."
     )
 
 

@@ -5,13 +5,12 @@ Run as: python -m pipelines.finetune --config cfg.json --workdir out/
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
-from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,19 +26,19 @@ from pipelines.base import (
     main,
     option,
 )
+from pipelines.lib import launch, training
+from pipelines.lib.memory import (
+    arch_of,
+    available_memory,
+    estimate_memory,
+    format_estimate,
+    process_memory_mb,
+)
+from pipelines.lib.merge import merge_adapter, save_atomically
+from pipelines.lib.templates import chat_labels
+from pipelines.lib.training import PaddingCounter, kl_to_teacher, train_dtype, trainer_class
 
 METHODS = ("lora", "qlora", "full")
-# The bundled model's architecture (SmolLM2-135M-Instruct), so that the memory estimate works
-# before its GGUF has been converted.
-BUNDLED_ARCH = {
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "vocab_size": 49152,
-    "tie_word_embeddings": True,
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,7 +217,7 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
     """Train, save the adapter (and the merged model), and summarize; resumes from checkpoints."""
     import torch
 
-    from pipelines.models import load_tokenizer, prune_layers, resolve_model
+    from pipelines.lib.models import load_tokenizer, prune_layers, resolve_model
 
     model_path = resolve_model(config.base_model)
     if (Path(model_path) / "adapter_config.json").exists():
@@ -242,11 +241,11 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
     cuda = torch.cuda.is_available()
     teacher_path, distillation = _teacher_path(config, tokenizer, report)
     estimate = estimate_memory(
-        _arch(model_path),
+        arch_of(model_path),
         config,
         cuda,
-        _available_memory(cuda),
-        teacher_arch=_arch(teacher_path) if teacher_path else None,
+        available_memory(cuda),
+        teacher_arch=arch_of(teacher_path) if teacher_path else None,
     )
     report(
         Log(
@@ -274,7 +273,9 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
     )
     gpus = torch.cuda.device_count() if cuda else 0
     if gpus > 1 and config.gpus != 1 and "LOCAL_RANK" not in os.environ:
-        return launch_distributed(config, workdir, report, min(gpus, config.gpus or gpus))
+        return launch.launch(
+            "pipelines.finetune", config, workdir, report, min(gpus, config.gpus or gpus)
+        )
 
     model = _load_model(model_path, config, cuda)
     teacher = _load_teacher(teacher_path, cuda) if teacher_path else None
@@ -291,7 +292,7 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
         report(Progress(0, 1, "validation loss before training"))
         before = trainer.evaluate(validation)["eval_loss"]
         report(Metrics(step=0, values={"eval_loss": before}))
-    kl_before = _kl_to_teacher(trainer, teacher, validation or train) if teacher else None
+    kl_before = kl_to_teacher(trainer, teacher, validation or train) if teacher else None
     started = time.monotonic()
     result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
     if bridge.cancelled:
@@ -309,7 +310,7 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
         summary["pruned_from_layers"] = pruned["layers"]
     if teacher is not None:
         summary["kl_to_teacher_before"] = kl_before
-        summary["kl_to_teacher"] = _kl_to_teacher(trainer, teacher, validation or train)
+        summary["kl_to_teacher"] = kl_to_teacher(trainer, teacher, validation or train)
         report(
             Log(
                 f"KL to the teacher on {'validation' if validation else 'training'} tokens: "
@@ -341,145 +342,6 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
     shutil.rmtree(workdir / CHECKPOINT_DIR, ignore_errors=True)  # done: resume no longer needed
     report(Log(format_summary(summary)))
     return StepResult(artifacts=artifacts, summary=summary)
-
-
-# --- memory estimate ---------------------------------------------------------------------------
-
-
-def estimate_memory(
-    arch: dict[str, Any],
-    config: FinetuneConfig,
-    cuda: bool,
-    available: int | None = None,
-    teacher_arch: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Rough bytes for weights, adapter, gradients + optimizer states, activations, and the
-    teacher's weights and logits when distilling on logits.
-
-    Activations assume a decoder layer keeps ~34 * hidden values per token (Korthikanti et al.,
-    2022; the 5 * heads * length attention scores are not kept by SDPA, transformers' default)
-    in 32-bit on CPU, 16-bit on GPU, at the full max length; the logits are counted apart.
-    """
-    h, inter, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
-    if config.keep_layers:
-        layers = min(layers, config.keep_layers)
-    heads, vocab = arch["num_attention_heads"], arch["vocab_size"]
-    kv = arch.get("num_key_value_heads") or heads
-    head_dim = arch.get("head_dim") or h // heads
-    params = count_parameters({**arch, "num_hidden_layers": layers})
-    act_bytes = 2 if cuda else 4
-    weight_bytes = 0.55 if config.method == "qlora" else act_bytes
-    if config.method == "full":
-        trainable = params
-    else:
-        linear_dims = [
-            (h, heads * head_dim),
-            (h, kv * head_dim),
-            (h, kv * head_dim),
-            (heads * head_dim, h),
-            (h, inter),
-            (h, inter),
-            (inter, h),
-        ]
-        trainable = layers * sum(config.lora_r * (a + b) for a, b in linear_dims)
-    tokens = config.batch_size * config.max_seq_len
-    per_token_layer = 34 * h
-    kept_layers = 1 if config.gradient_checkpointing else layers
-    activations = (
-        tokens
-        * (kept_layers * per_token_layer + layers * h * config.gradient_checkpointing)
-        * act_bytes
-    )
-    logits = tokens * vocab * 4 * 2  # fp32 logits and their gradient
-    estimate = {
-        "parameters": params,
-        "trainable": trainable,
-        "weights": params * weight_bytes,
-        "adapter": 0 if config.method == "full" else trainable * 4,
-        "optimizer": trainable * 4 * 3,  # gradient + two Adam moments, fp32
-        "activations": activations + logits,
-        "teacher": 0,
-    }
-    if teacher_arch:  # frozen weights plus its logits for the batch (no gradients)
-        estimate["teacher"] = count_parameters(teacher_arch) * act_bytes + tokens * vocab * 4
-    estimate["total"] = sum(
-        estimate[k] for k in ("weights", "adapter", "optimizer", "activations", "teacher")
-    )
-    estimate["available"] = available
-    estimate["fits"] = None if available is None else estimate["total"] < 0.9 * available
-    return estimate
-
-
-def count_parameters(arch: dict[str, Any]) -> int:
-    """Parameters of a decoder from its config numbers (attention, MLP, embeddings)."""
-    h, inter, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
-    heads = arch["num_attention_heads"]
-    kv = arch.get("num_key_value_heads") or heads
-    head_dim = arch.get("head_dim") or h // heads
-    per_layer = h * heads * head_dim * 2 + h * kv * head_dim * 2 + 3 * h * inter
-    embed = arch["vocab_size"] * h * (1 if arch.get("tie_word_embeddings", True) else 2)
-    return layers * per_layer + embed
-
-
-def format_estimate(estimate: dict[str, Any]) -> str:
-    gb = 1024**3
-    parts = [
-        f"{k} {estimate[k] / gb:.2f} GB"
-        for k in ("weights", "adapter", "optimizer", "activations", "teacher")
-        if k != "teacher" or estimate.get("teacher")
-    ]
-    text = f"about {estimate['total'] / gb:.2f} GB ({', '.join(parts)})"
-    if estimate["available"]:
-        text += f"; {estimate['available'] / gb:.1f} GB available"
-    if estimate["fits"] is False:
-        text += (
-            ". It may not fit: lower the batch size or max length, turn on gradient "
-            "checkpointing, or use LoRA/QLoRA instead of full finetuning"
-            + (", or distil from the teacher's answers only" if estimate.get("teacher") else "")
-            + "."
-        )
-    return text
-
-
-def model_arch(spec: str) -> dict[str, Any] | None:
-    """Architecture numbers from a model's config.json without loading it (None if unknown)."""
-    from pipelines.models import BUNDLED_ALIASES, models_dir
-
-    if spec.strip() in BUNDLED_ALIASES:
-        return BUNDLED_ARCH
-    path = Path(spec).expanduser() / "config.json"
-    if not path.exists():
-        path = models_dir() / spec / "config.json"
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    data = data.get("text_config", data)
-    needed = (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "vocab_size",
-    )
-    return data if all(k in data for k in needed) else None
-
-
-def _arch(model_path: str) -> dict[str, Any]:
-    arch = model_arch(model_path)
-    if arch is None:
-        raise StepError(f"{model_path} has no usable config.json (hidden_size, layers, ...).")
-    return arch
-
-
-def _available_memory(cuda: bool) -> int:
-    if cuda:
-        import torch
-
-        free, _ = torch.cuda.mem_get_info()
-        return free
-    import psutil
-
-    return psutil.virtual_memory().available
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -552,48 +414,6 @@ def _encode(row: dict[str, Any], tokenizer: Any, config: FinetuneConfig) -> dict
     }
 
 
-def chat_labels(
-    tokenizer: Any, messages: list[dict[str, str]], assistant_only: bool
-) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation in the chat template, and labels with -100 on every token that
-    is not part of an assistant turn (when `assistant_only`).
-
-    Works with any template that renders a conversation's prefix as a prefix of its text (no
-    `{% generation %}` markers needed, which SmolLM2's template lacks): each assistant turn spans
-    from the end of the rendered prefix with a generation prompt to the end of the rendered turn.
-    """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoding["input_ids"]
-    if not assistant_only:
-        return ids, list(ids)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = (
-            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            if i
-            else ""
-        )
-        end = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (text.startswith(start) and text.startswith(end)):
-            raise StepError(
-                "this model's chat template does not render a conversation's start "
-                "as the start of the whole, so answers can't be told from prompts: "
-                "turn off 'Loss on answers only'."
-            )
-        spans.append((len(start), len(end)))
-    labels = [-100] * len(ids)
-    for t, (a, b) in enumerate(encoding["offset_mapping"]):
-        if any(s <= a and b <= e and b > a for s, e in spans):
-            labels[t] = ids[t]
-    return ids, labels
-
-
-# --- model and trainer -------------------------------------------------------------------------
-
-
 def _bitsandbytes_works() -> bool:
     try:
         import bitsandbytes  # noqa: F401
@@ -606,7 +426,7 @@ def _load_model(model_path: str, config: FinetuneConfig, cuda: bool) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = _train_dtype(cuda)
+    dtype = train_dtype(cuda)
     kwargs: dict[str, Any] = {"dtype": dtype}
     path = Path(model_path)
     if path.is_file():  # a .gguf file
@@ -654,7 +474,7 @@ def _load_model(model_path: str, config: FinetuneConfig, cuda: bool) -> Any:
 
 def _teacher_path(config: FinetuneConfig, tokenizer: Any, report: Reporter) -> tuple[str, str]:
     """(the teacher's folder or "", how the student learns): logits need the same vocabulary."""
-    from pipelines.models import load_tokenizer, resolve_model
+    from pipelines.lib.models import load_tokenizer, resolve_model
 
     if not config.teacher_model.strip():
         return "", "answers only" if not config.keep_layers else "answers only (pruned student)"
@@ -678,64 +498,13 @@ def _teacher_path(config: FinetuneConfig, tokenizer: Any, report: Reporter) -> t
 
 
 def _load_teacher(path: str, cuda: bool) -> Any:
-    from pipelines.models import load_causal_lm
+    from pipelines.lib.models import load_causal_lm
 
-    teacher, _ = load_causal_lm(path, dtype=_train_dtype(cuda))
+    teacher, _ = load_causal_lm(path, dtype=train_dtype(cuda))
     if cuda:
         teacher.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     teacher.requires_grad_(False)
     return teacher
-
-
-def _distill_loss(
-    student_logits, teacher_logits, labels, config: FinetuneConfig, temperature: float = 0.0
-):
-    """Divergence from the teacher's next-token distribution on the answer tokens (TRL's
-    generalized JSD: beta 0 is the forward KL, 0.5 the symmetric JSD)."""
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    from trl.experimental.gkd import GKDTrainer
-
-    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])  # padded embedding rows
-    return GKDTrainer.generalized_jsd_loss(
-        student_logits[:, :-1, :vocab],
-        teacher_logits[:, :-1, :vocab],
-        labels=labels[:, 1:],
-        beta=0.0 if config.distill_loss == "kl" else 0.5,
-        temperature=temperature or config.distill_temperature,
-    )
-
-
-def _kl_to_teacher(trainer, teacher, data, rows: int = 32) -> float:
-    """Mean KL(teacher || student) per answer token on a few rows (temperature 1)."""
-    import torch
-
-    model = trainer.model
-    was_training = model.training
-    model.eval()
-    total, batches = 0.0, 0
-    kl = dataclass_replace(trainer.distill_config, distill_loss="kl")
-    with torch.no_grad():
-        subset = data.select(range(min(rows, len(data))))
-        for batch in trainer.get_eval_dataloader(subset):
-            batch = {k: v.to(model.device) for k, v in batch.items() if k != "length"}
-            student = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            teacher_out = teacher(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            )
-            total += float(
-                _distill_loss(student.logits, teacher_out.logits, batch["labels"], kl, 1.0)
-            )
-            batches += 1
-    model.train(was_training)
-    return round(total / max(batches, 1), 5)
-
-
-def _train_dtype(cuda: bool) -> Any:
-    import torch
-
-    if not cuda:
-        return torch.float32  # no fast bf16 on most CPUs: a step is ~20x slower (measured)
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
 
 
 def _trainer(
@@ -795,14 +564,14 @@ def _trainer(
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
-    counter = _PaddingCounter(
+    counter = PaddingCounter(
         DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     )
-    bridge = _bridge(report)
+    bridge = training.bridge(report)
     callbacks = [bridge]
     if config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
-    trainer = _trainer_class(teacher, config)(
+    trainer = trainer_class(teacher, config)(
         model=model,
         args=args,
         train_dataset=train,
@@ -815,123 +584,6 @@ def _trainer(
         trainer.eval_dataset = validation  # still evaluated once at the end
     trainer.distill_config = config
     return trainer, bridge, counter
-
-
-def _trainer_class(teacher: Any, config: FinetuneConfig):
-    """The HF Trainer, or with a teacher one whose training loss mixes in the divergence from
-    the teacher's logits (validation loss stays the plain loss, comparable across runs)."""
-    from transformers import Trainer
-
-    if teacher is None:
-        return Trainer
-
-    class DistillTrainer(Trainer):
-        distill_sum, distill_count = 0.0, 0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
-            if model.training:
-                import torch
-
-                with torch.no_grad():
-                    teacher_logits = teacher(
-                        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-                    ).logits
-                divergence = _distill_loss(outputs.logits, teacher_logits, inputs["labels"], config)
-                self.distill_sum += float(divergence.detach())
-                self.distill_count += 1
-                weight = config.distill_weight
-                loss = (1 - weight) * loss + weight * divergence
-            return (loss, outputs) if return_outputs else loss
-
-        def log(self, logs, *args, **kwargs):
-            if "loss" in logs and self.distill_count:
-                logs["distill_loss"] = self.distill_sum / self.distill_count
-                self.distill_sum, self.distill_count = 0.0, 0
-            super().log(logs, *args, **kwargs)
-
-    return DistillTrainer
-
-
-class _PaddingCounter:
-    """Wraps the collator to count real and padded tokens (the Runs tab shows the padding share)."""
-
-    def __init__(self, collator):
-        self.collator, self.real, self.computed = collator, 0, 0
-
-    def __call__(self, features):
-        batch = self.collator(features)
-        self.real += int(batch["attention_mask"].sum())
-        self.computed += int(batch["attention_mask"].numel())
-        return batch
-
-
-def _bridge(report: Reporter):
-    """A TrainerCallback that forwards progress and metrics; a cancel saves, then stops."""
-    from transformers import TrainerCallback
-
-    class Bridge(TrainerCallback):
-        cancelled = False
-
-        def _send(self, event, control) -> None:
-            try:
-                report(event)
-            except Cancelled:
-                self.cancelled = True
-                control.should_save = True  # so that resume continues at this very step
-                control.should_training_stop = True
-
-        def on_step_end(self, args, state, control, **kwargs):
-            loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
-            message = f"step {state.global_step}/{state.max_steps}" + (
-                f" · loss {loss:.3f}" if loss is not None else ""
-            )
-            self._send(Progress(state.global_step, state.max_steps, message), control)
-            _agree_on_cancel(self, control, args.device)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero:
-                return
-            skip = ("epoch", "total_flos", "train_runtime", "num_input_tokens_seen")
-            values = {
-                k: float(v)
-                for k, v in (logs or {}).items()
-                if isinstance(v, (int, float)) and k not in skip
-            }
-            if "train_tokens_per_second" in values:  # non-padding tokens (see TrainingArguments)
-                values["tokens_per_s"] = values.pop("train_tokens_per_second")
-            values["memory_mb"] = _memory_mb()
-            if values:
-                self._send(Metrics(step=state.global_step, values=values), control)
-
-    return Bridge()
-
-
-def _agree_on_cancel(bridge, control, device) -> None:
-    """Under several processes every rank must stop at the same step, or the others hang."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    flag = torch.tensor([int(bridge.cancelled)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() and not bridge.cancelled:
-        bridge.cancelled = True
-        control.should_save = True
-        control.should_training_stop = True
-
-
-def _memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 # --- outputs -----------------------------------------------------------------------------------
@@ -954,7 +606,7 @@ def _save_outputs(
         "eval_loss": summary.get("eval_loss"),
     }
     if config.method == "full":
-        _save_atomically(
+        save_atomically(
             workdir / "model",
             lambda tmp: (trainer.model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
         )
@@ -970,45 +622,18 @@ def _save_outputs(
             "use_dora",
         )
     }
-    _save_atomically(
+    save_atomically(
         workdir / "adapter",
         lambda tmp: (trainer.model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
     )
     artifacts = [("adapter", "adapter", {**meta, **lora, "name": "adapter"})]
     if config.merge:
         report(Progress(1, 1, "merging the adapter into the base"))
-        _save_atomically(
+        save_atomically(
             workdir / "merged", lambda tmp: merge_adapter(model_path, workdir / "adapter", tmp)
         )
         artifacts.append(("model", "merged", {**meta, **lora, "name": "merged"}))
     return artifacts
-
-
-def merge_adapter(base_path: str, adapter_dir: Path, out: Path) -> None:
-    """Merge an adapter into a full-precision copy of its base (never into a 4-bit one)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from pipelines.models import load_tokenizer
-
-    path = Path(base_path)
-    kwargs = {"gguf_file": path.name} if path.is_file() else {}
-    base = AutoModelForCausalLM.from_pretrained(
-        path.parent if path.is_file() else path, dtype=torch.float32, **kwargs
-    )
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.config.use_cache = True
-    merged.save_pretrained(out)
-    load_tokenizer(str(adapter_dir)).save_pretrained(out)  # with the chat template
-
-
-def _save_atomically(target: Path, write) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
 
 
 def _summary(
@@ -1039,7 +664,7 @@ def _summary(
         "parameters": params,
         "trainable_parameters": trainable,
         "memory_estimate_gb": round(estimate["total"] / 1024**3, 2),
-        "peak_memory_mb": round(_memory_mb()),
+        "peak_memory_mb": round(process_memory_mb()),
         **data_stats,
     }
 
@@ -1058,113 +683,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
 
 
-def launch_distributed(
-    config: FinetuneConfig, workdir: Path, report: Reporter, processes: int, cuda: bool = True
-) -> StepResult:
-    """Several GPUs: the same step under `accelerate launch`, one process per GPU; rank 0 reports
-    through a JSONL file that this process forwards, and a stop file carries a cancel."""
-    import subprocess
-    import sys
-
-    from pipelines.base import config_to_dict
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config_to_dict(config)))
-    events, stop = workdir / "events.jsonl", workdir / "stop"
-    events.unlink(missing_ok=True)
-    stop.unlink(missing_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu" if cuda else "--cpu",
-        "--num_processes",
-        str(processes),
-        "-m",
-        "pipelines.finetune",
-        "--config",
-        str(workdir / "config.json"),
-        "--workdir",
-        str(workdir),
-        "--events",
-        str(events),
-        "--stop-file",
-        str(stop),
-    ]
-    where = f"{processes} GPUs" if cuda else f"{processes} CPU processes"
-    report(Log(f"training on {where}: {' '.join(command[2:])}"))
-    proc = subprocess.Popen(command, start_new_session=False)
-    offset, result = 0, None
-    while True:
-        done = proc.poll() is not None
-        if events.exists():
-            with events.open() as f:
-                f.seek(offset)
-                for line in f:
-                    item = json.loads(line)
-                    if item["type"] == "result":
-                        result = item
-                    else:
-                        try:
-                            report(_event_from_json(item))
-                        except Cancelled:
-                            stop.touch()
-                offset = f.tell()
-        if done:
-            break
-        time.sleep(0.5)
-    if stop.exists() and result is None:  # (a cancel that came after the end changes nothing)
-        raise Cancelled()
-    if proc.returncode != 0 or result is None:
-        raise StepError(f"distributed training failed (exit code {proc.returncode}); see the log")
-    return StepResult(artifacts=[tuple(a) for a in result["artifacts"]], summary=result["summary"])
-
-
-def _event_from_json(item: dict[str, Any]):
-    kind = item.pop("type")
-    return {"progress": Progress, "metrics": Metrics, "log": Log}[kind](**item)
-
-
-def _distributed_main() -> None:
-    """Entry of each rank under accelerate: events go to a file, a stop file cancels."""
-    import argparse
-    from dataclasses import asdict
-
-    from pipelines.base import config_from_dict
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--events", required=True)
-    parser.add_argument("--stop-file", required=True)
-    args = parser.parse_args()
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    events, stop = Path(args.events), Path(args.stop_file)
-
-    def report(event) -> None:
-        if rank0:
-            kind = {Progress: "progress", Metrics: "metrics", Log: "log"}[type(event)]
-            with events.open("a") as f:
-                f.write(json.dumps({"type": kind, **asdict(event)}) + "\n")
-        if stop.exists():
-            raise Cancelled()
-
-    config = config_from_dict(FinetuneConfig, json.loads(Path(args.config).read_text()))
-    result = run(config, Path(args.workdir), report)
-    if rank0:
-        with events.open("a") as f:
-            f.write(
-                json.dumps(
-                    {"type": "result", "artifacts": result.artifacts, "summary": result.summary}
-                )
-                + "\n"
-            )
-
-
 if __name__ == "__main__":
-    import sys as _sys
-
-    if "--events" in _sys.argv:
-        _distributed_main()
+    if "--events" in sys.argv:  # one rank under accelerate (lib/launch.py)
+        launch.rank_main(FinetuneConfig, run)
     else:
         main(FinetuneConfig, run)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipelines.base import Log, Progress, Reporter, StepError, StepResult, main, option
-from pipelines.card import check_card, model_card
+from pipelines.lib.card import check_card, model_card
 
 TOKEN_ENV = "STUDIO_HF_TOKEN"  # where the studio puts a token typed into the UI
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

@@ -30,7 +30,8 @@ from pipelines.base import (
     main,
     option,
 )
-from pipelines.tasks import TaskFields
+from pipelines.lib.gate import CHECK_MEMORY, CHECK_PARITY, CHECK_QUALITY, CHECK_SPEED
+from pipelines.lib.tasks import TaskFields
 
 Precision = Literal["int4", "int8", "fp16", "bf16", "fp32"]
 Provider = Literal["cpu", "cuda", "dml", "webgpu"]
@@ -44,8 +45,6 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "webgpu": ("int4", "int8"),
 }
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-CHECK_QUALITY, CHECK_SPEED = "quality kept (%)", "decode speed-up (x)"
-CHECK_MEMORY, CHECK_PARITY = "memory saved (%)", "chat template and end of sequence"
 ONNX_DIR, BNB_DIR = "onnx", "bnb"
 
 
@@ -177,7 +176,7 @@ CONFIG = QuantizeConfig
 
 def run(config: QuantizeConfig, workdir: Path, report: Reporter) -> StepResult:
     """Convert (or quantize) the model, then measure both on the gate's prompts."""
-    from pipelines.models import resolve_model
+    from pipelines.lib.models import resolve_model
 
     path = Path(resolve_model(config.model))
     work = workdir / CHECKPOINT_DIR
@@ -197,10 +196,10 @@ def run(config: QuantizeConfig, workdir: Path, report: Reporter) -> StepResult:
         **meta,
     }
     if config.gate:
-        from pipelines.gate import flat, format_report, quality_gate
+        from pipelines.lib.gate import flat, format_report, quality_gate
 
         result = quality_gate(config, source, out, report, meta.get("adapter_file"))
-        from pipelines.benchmark import hardware
+        from pipelines.lib.hardware import hardware
 
         result["suggestion"] = suggestion(config, result["checks"])
         result["hardware"] = hardware()
@@ -240,7 +239,7 @@ def _onnx(
         report(Progress(0, None, "merging the adapter into its base"))
         source = work / "merged"
         if not (source / "config.json").exists():
-            from pipelines.finetune import merge_adapter
+            from pipelines.lib.merge import merge_adapter
 
             shutil.rmtree(source, ignore_errors=True)
             merge_adapter(_adapter_base(path), path, source)
@@ -395,7 +394,7 @@ def extract_adapter(folder: Path, adapter_dir: Path) -> str:
         save_as_external_data=True,
         location="model.onnx.data",
     )
-    from pipelines.onnx_model import ADAPTER_FILE
+    from pipelines.lib.onnx_model import ADAPTER_FILE
 
     adapter = ort.AdapterFormat()
     adapter.set_adapter_version(1)
@@ -406,7 +405,7 @@ def extract_adapter(folder: Path, adapter_dir: Path) -> str:
 
 
 def _adapter_base(adapter_dir: Path) -> str:
-    from pipelines.models import resolve_model
+    from pipelines.lib.models import resolve_model
 
     base = json.loads((adapter_dir / "adapter_config.json").read_text()).get(
         "base_model_name_or_path"
@@ -417,7 +416,7 @@ def _adapter_base(adapter_dir: Path) -> str:
 
 
 def _from_gguf(path: Path, out: Path) -> Path:
-    from pipelines.models import load_causal_lm
+    from pipelines.lib.models import load_causal_lm
 
     model, tokenizer = load_causal_lm(str(path))
     model.hf_quantizer, model.is_quantized = None, False
@@ -469,7 +468,7 @@ def _bitsandbytes(
         )
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from pipelines.models import load_tokenizer
+    from pipelines.lib.models import load_tokenizer
 
     if config.precision == "int4":
         quantization = BitsAndBytesConfig(
@@ -482,7 +481,7 @@ def _bitsandbytes(
         quantization = BitsAndBytesConfig(load_in_8bit=True)
     source = path
     if (path / "adapter_config.json").exists():
-        from pipelines.finetune import merge_adapter
+        from pipelines.lib.merge import merge_adapter
 
         source = workdir / CHECKPOINT_DIR / "merged"
         merge_adapter(_adapter_base(path), path, source)

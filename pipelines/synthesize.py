@@ -29,10 +29,11 @@ from pipelines.base import (
     main,
     option,
 )
-from pipelines.generation import Reply, TeacherFields, check_connection
-from pipelines.tasks import Task, TaskFields, dataset_labels, label_bias
+from pipelines.lib.dataset_folder import SPLITS, content_hash, dataset_labels
+from pipelines.lib.generation import TeacherFields, check_connection
+from pipelines.lib.sampling import Reply
+from pipelines.lib.tasks import Task, TaskFields, label_bias
 
-SPLITS = ("train", "validation", "test")
 EXAMPLES = 3  # examples kept per kind of rejection
 
 
@@ -374,7 +375,6 @@ def _write(
     task: Task,
 ) -> Path:
     """The dataset folder (chat JSONL per split, flat question/answer JSONL, stats, card)."""
-    from pipelines.dataset import content_hash
 
     final, tmp = workdir / "dataset", workdir / "dataset.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

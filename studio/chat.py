@@ -1,4 +1,4 @@
-"""Client of the chat process (`python -m pipelines.chat`): the web process never loads a model."""
+"""Client of the chat process (`python -m pipelines.lib.chat`): the web process loads no model."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class ChatClient:
             )
             log = open(self.home / "chat.log", "ab")  # noqa: SIM115 - the child keeps it
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "pipelines.chat"],
+                [sys.executable, "-m", "pipelines.lib.chat"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,

@@ -374,7 +374,7 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(settings: Settings, args: argparse.Namespace) -> int:
-    from pipelines.gate import format_report
+    from pipelines.lib.gate import format_report
     from pipelines.quantize import QuantizeConfig
 
     try:

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import psutil
 
-from pipelines.onnx_model import is_onnx_folder
+from pipelines.lib.onnx_model import is_onnx_folder
 from studio import quota, store
 from studio.jobs import PROJECT_ROOT
 from studio.settings import Limits, child_environ

@@ -9,9 +9,9 @@ from typing import Any
 
 from pipelines.evaluate import EvaluateConfig
 from pipelines.finetune import FinetuneConfig
-from pipelines.generation import TeacherFields
+from pipelines.lib.generation import TeacherFields
+from pipelines.lib.tasks import TaskFields
 from pipelines.synthesize import SynthesizeConfig
-from pipelines.tasks import TaskFields
 from studio.jobs import JobRunner
 
 SHARED = [f.name for f in dataclasses.fields(TeacherFields)] + [

@@ -8,7 +8,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from pipelines.dataset import SAMPLE_DATASET
-from pipelines.models import bundled_gguf, models_dir
+from pipelines.lib.models import bundled_gguf, models_dir
 from studio import store
 from studio.settings import Limits
 

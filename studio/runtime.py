@@ -22,7 +22,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pipelines.onnx_model import GENAI_CONFIG, eos_ids, is_onnx_folder, load_model
+from pipelines.lib.onnx_model import GENAI_CONFIG, eos_ids, is_onnx_folder, load_model
 
 API_KEY_ENV = "STUDIO_RUNTIME_API_KEY"  # the key, so that it never shows in `ps`
 # A chat's key/value cache is allocated for its whole length at once (322 MB for SmolLM2's 8192

@@ -57,7 +57,7 @@ class DbReporter:
 def execute(home: Path, run_id: str) -> int:
     """Run the step of `run_id` (already marked running by the runner); return an exit code."""
     home = Path(home).resolve()
-    os.environ["STUDIO_HOME"] = str(home)  # where steps cache models (pipelines.models)
+    os.environ["STUDIO_HOME"] = str(home)  # where steps cache models (pipelines.lib.models)
     with store.connect(home) as db:
         row = store.get_run(db, run_id)
         if row is None or row["status"] != "running":

@@ -1,5 +1,6 @@
 """Import rules (DESIGN.md section 1), config help metadata, and README coverage of every step."""
 
+import ast
 import dataclasses
 import subprocess
 import sys
@@ -10,16 +11,12 @@ import pytest
 from pipelines import STEPS
 
 ROOT = Path(__file__).resolve().parent.parent
-PIPELINE_MODULES = [
-    "pipelines",
-    "pipelines.base",
-    "pipelines.models",
-    "pipelines.generation",
-    "pipelines.onnx_model",
-    "pipelines.gate",
-    "pipelines.card",
-    *[f"pipelines.{s}" for s in STEPS],
-]
+LIB_MODULES = sorted(
+    f"pipelines.lib.{p.stem}"
+    for p in (ROOT / "pipelines" / "lib").glob("*.py")
+    if p.stem != "__init__"
+)
+PIPELINE_MODULES = ["pipelines", "pipelines.base", *LIB_MODULES, *[f"pipelines.{s}" for s in STEPS]]
 WEB_MODULES = [
     "app",
     "studio.ui.app",
@@ -46,6 +43,55 @@ def test_pipelines_are_cheap_and_know_nothing_of_the_ui(module):
     loaded = _modules_after_import(module)
     assert not {"gradio", "studio"} & loaded
     assert not set(HEAVY) & loaded
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (at the top or inside a function)."""
+    graph: dict[str, set[str]] = {}
+    for path in [*ROOT.glob("pipelines/**/*.py"), *ROOT.glob("studio/**/*.py")]:
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                file = ROOT / name.replace(".", "/")
+                if file.with_suffix(".py").exists() or (file / "__init__.py").exists():
+                    imported.add(name)
+        graph[module] = imported - {module}
+    return graph
+
+
+def test_no_step_imports_another_step():
+    """A step is a leaf: it imports pipelines.base and pipelines.lib, never another step."""
+    steps = {f"pipelines.{s}" for s in STEPS}
+    graph = _import_graph()
+    crossings = {m: graph[m] & steps for m in graph if m.startswith("pipelines")}
+    assert not {m: s for m, s in crossings.items() if s}
+
+
+def test_no_import_cycles():
+    graph, done, found = _import_graph(), set(), []
+
+    def visit(module: str, stack: list[str]) -> None:
+        if module in stack:
+            found.append(stack[stack.index(module) :] + [module])
+            return
+        if module in done:
+            return
+        for dependency in graph.get(module, ()):
+            # importing a package runs its __init__, not its other modules: not an edge back
+            if dependency != module.rsplit(".", 1)[0]:
+                visit(dependency, [*stack, module])
+        done.add(module)
+
+    for module in graph:
+        visit(module, [])
+    assert not found, " ; ".join(" -> ".join(cycle) for cycle in found)
 
 
 @pytest.mark.parametrize("module", WEB_MODULES)

@@ -3,8 +3,8 @@ lineage lines of every step, the gate and speed tables, usage per kind; checked 
 
 import pytest
 
-from pipelines import card
 from pipelines.base import StepError
+from pipelines.lib import card
 
 HOME = "/srv/studio-data"
 LINEAGE = {

@@ -9,6 +9,7 @@ import pytest
 from pipelines import dataset
 from pipelines.base import Progress, StepError
 from pipelines.dataset import DatasetConfig
+from pipelines.lib import readers
 from studio import store
 
 CHAT = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
@@ -294,7 +295,7 @@ def test_parsing_streams_in_constant_memory(tmp_path, suffix):
             f.write((line + "\n") * 60000)
     assert path.stat().st_size > 12 * 2**20
     tracemalloc.start()
-    count = sum(1 for _ in dataset._read_file(path))
+    count = sum(1 for _ in readers.read_file(path))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert count == 60000

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import evaluate, finetune, generation, synthesize
+from pipelines import evaluate, finetune, synthesize
 from pipelines.base import Log, StepError
-from pipelines.models import prune_layers
-from pipelines.tasks import build_task, label_bias, rouge_l
+from pipelines.lib import generation, memory, models
+from pipelines.lib.models import prune_layers
+from pipelines.lib.tasks import build_task, label_bias, rouge_l
 from tests.openai_server import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -283,14 +284,14 @@ def test_different_vocabularies_fall_back_to_answers(tiny_lm, tiny_dataset, tmp_
 
 def test_memory_estimate_counts_the_teacher():
     config = finetune.FinetuneConfig(dataset_dir="-", teacher_model="bundled")
-    alone = finetune.estimate_memory(finetune.BUNDLED_ARCH, config, cuda=False)
-    both = finetune.estimate_memory(
-        finetune.BUNDLED_ARCH, config, cuda=False, teacher_arch=finetune.BUNDLED_ARCH
+    alone = memory.estimate_memory(models.BUNDLED_ARCH, config, cuda=False)
+    both = memory.estimate_memory(
+        models.BUNDLED_ARCH, config, cuda=False, teacher_arch=models.BUNDLED_ARCH
     )
     assert both["teacher"] > 0.5e9 and both["total"] > alone["total"]
-    assert "teacher" in finetune.format_estimate(both)
-    pruned = finetune.estimate_memory(
-        finetune.BUNDLED_ARCH, finetune.FinetuneConfig(dataset_dir="-", keep_layers=10), False
+    assert "teacher" in memory.format_estimate(both)
+    pruned = memory.estimate_memory(
+        models.BUNDLED_ARCH, finetune.FinetuneConfig(dataset_dir="-", keep_layers=10), False
     )
     assert pruned["parameters"] < alone["parameters"]
 

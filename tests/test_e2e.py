@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _accuracy(model: str, rows: list[dict]) -> float:
-    from pipelines import chat
+    from pipelines.lib import chat
 
     loaded, tokenizer = chat.load(model)
     hits = 0
@@ -167,8 +167,8 @@ def test_quantize_the_tuned_model_to_int4(tuned, tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     print(run.stdout[-2500:])
-    from pipelines.generation import Sampling
-    from pipelines.onnx_model import OnnxModel
+    from pipelines.lib.onnx_model import OnnxModel
+    from pipelines.lib.sampling import Sampling
     from studio import store
 
     with store.connect(home) as db:

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from pipelines import finetune
 from pipelines.base import Cancelled, Log, Metrics, Progress
 from pipelines.finetune import FinetuneConfig
+from pipelines.lib import launch, memory, models, templates
 
 
 def _config(tiny_lm, tiny_dataset, **kwargs):
@@ -90,23 +91,23 @@ def test_only_assistant_tokens_carry_loss(tiny_lm):
         {"role": "user", "content": "the"},
         {"role": "assistant", "content": "bad"},
     ]
-    ids, labels = finetune.chat_labels(tokenizer, messages, assistant_only=True)
+    ids, labels = templates.chat_labels(tokenizer, messages, assistant_only=True)
     learned = tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
     assert learned.split() == ["assistant", "good", "world", "</s>", "assistant", "bad", "</s>"]
-    _, all_labels = finetune.chat_labels(tokenizer, messages, assistant_only=False)
+    _, all_labels = templates.chat_labels(tokenizer, messages, assistant_only=False)
     assert all_labels == ids
 
 
 @pytest.mark.slow
 def test_assistant_masking_on_the_bundled_template():
-    from pipelines.models import load_tokenizer
+    from pipelines.lib.models import load_tokenizer
 
     tokenizer = load_tokenizer("bundled")  # SmolLM2: no {% generation %} markers in its template
     messages = [
         {"role": "user", "content": "Where is my parcel?"},
         {"role": "assistant", "content": "shipping"},
     ]
-    ids, labels = finetune.chat_labels(tokenizer, messages, assistant_only=True)
+    ids, labels = templates.chat_labels(tokenizer, messages, assistant_only=True)
     learned = tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
     assert learned.strip() == "shipping<|im_end|>"
 
@@ -148,10 +149,10 @@ def test_cancel_saves_and_resume_continues_at_the_same_step(tiny_lm, tiny_datase
 
 
 def test_memory_estimate_grows_with_batch_and_length(tiny_lm, tiny_dataset):
-    arch = finetune.BUNDLED_ARCH
+    arch = models.BUNDLED_ARCH
 
     def total(**kwargs):
-        return finetune.estimate_memory(arch, _config(tiny_lm, tiny_dataset, **kwargs), False)
+        return memory.estimate_memory(arch, _config(tiny_lm, tiny_dataset, **kwargs), False)
 
     small = total(batch_size=1, max_seq_len=128)
     assert total(batch_size=8, max_seq_len=128)["total"] > small["total"]
@@ -162,10 +163,10 @@ def test_memory_estimate_grows_with_batch_and_length(tiny_lm, tiny_dataset):
         < total(batch_size=8, max_seq_len=1024)["activations"]
     )
     assert 130e6 < small["parameters"] < 140e6  # SmolLM2-135M
-    huge = finetune.estimate_memory(
+    huge = memory.estimate_memory(
         arch, _config(tiny_lm, tiny_dataset, batch_size=512, max_seq_len=8192), False, 24 * 2**30
     )
-    assert huge["fits"] is False and "lower the batch size" in finetune.format_estimate(huge)
+    assert huge["fits"] is False and "lower the batch size" in memory.format_estimate(huge)
 
 
 @pytest.mark.parametrize(
@@ -199,7 +200,9 @@ def test_two_processes_through_accelerate_report_save_and_cancel(tiny_lm, tiny_d
     reporter, outputs are saved once, and a cancel stops every rank at the same step."""
     config = _config(tiny_lm, tiny_dataset, max_steps=4, batch_size=2)
     events = []
-    result = finetune.launch_distributed(config, tmp_path / "a", events.append, 2, cuda=False)
+    result = launch.launch(
+        "pipelines.finetune", config, tmp_path / "a", events.append, 2, cuda=False
+    )
     assert result.summary["steps"] == 4
     assert (tmp_path / "a" / "merged" / "config.json").exists()
     assert [e.done for e in events if isinstance(e, Progress) and e.total == 4][-1] == 4
@@ -209,7 +212,8 @@ def test_two_processes_through_accelerate_report_save_and_cancel(tiny_lm, tiny_d
             raise Cancelled()
 
     with pytest.raises(Cancelled):
-        finetune.launch_distributed(
+        launch.launch(
+            "pipelines.finetune",
             _config(tiny_lm, tiny_dataset, max_steps=400, batch_size=2, save_steps=100),
             tmp_path / "b",
             cancel_at_2,

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from pipelines.models import models_dir
+from pipelines.lib.models import models_dir
 from studio import deploy, quickstart, store
 from studio.jobs import JobRunner
 from studio.quota import LimitReached

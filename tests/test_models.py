@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from pipelines import models
 from pipelines.base import StepError
+from pipelines.lib import models
 
 
 def test_local_model_folder_resolves(tmp_path):

@@ -8,9 +8,16 @@ import pytest
 
 from pipelines import quantize
 from pipelines.base import Log, StepError
-from pipelines.gate import format_report, quality_gate
-from pipelines.generation import LocalModel, Sampling, open_model
-from pipelines.onnx_model import ADAPTER_FILE, OnnxModel, eos_ids
+from pipelines.lib.gate import (
+    CHECK_MEMORY,
+    CHECK_PARITY,
+    CHECK_QUALITY,
+    CHECK_SPEED,
+    format_report,
+    quality_gate,
+)
+from pipelines.lib.generation import LocalModel, Sampling, open_model
+from pipelines.lib.onnx_model import ADAPTER_FILE, OnnxModel, eos_ids
 from pipelines.quantize import QuantizeConfig
 
 CHAT = [{"role": "user", "content": "hello world"}]
@@ -118,14 +125,14 @@ def test_the_ladder_proposes_the_next_recipe():
         return [
             {"name": n, "passed": n not in names}
             for n in (
-                quantize.CHECK_QUALITY,
-                quantize.CHECK_SPEED,
-                quantize.CHECK_MEMORY,
-                quantize.CHECK_PARITY,
+                CHECK_QUALITY,
+                CHECK_SPEED,
+                CHECK_MEMORY,
+                CHECK_PARITY,
             )
         ]
 
-    quality = failing(quantize.CHECK_QUALITY)
+    quality = failing(CHECK_QUALITY)
     steps = [QuantizeConfig(algorithm="rtn", block_size=128)]
     while (nxt := quantize.proposal(steps[-1], quality)) is not None:
         steps.append(nxt)
@@ -138,12 +145,10 @@ def test_the_ladder_proposes_the_next_recipe():
     cuda = QuantizeConfig(precision="int8", execution_provider="cuda")
     assert quantize.proposal(cuda, quality).precision == "fp16"
     assert (
-        quantize.proposal(
-            QuantizeConfig(precision="fp32"), failing(quantize.CHECK_MEMORY)
-        ).precision
+        quantize.proposal(QuantizeConfig(precision="fp32"), failing(CHECK_MEMORY)).precision
         == "int4"
     )
-    assert quantize.proposal(QuantizeConfig(), failing(quantize.CHECK_SPEED)) is None
+    assert quantize.proposal(QuantizeConfig(), failing(CHECK_SPEED)) is None
     assert "int8 cpu block 32" in quantize.suggestion(QuantizeConfig(), quality)
 
 

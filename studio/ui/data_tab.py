@@ -13,6 +13,7 @@ import gradio as gr
 from pipelines import dataset
 from pipelines.base import StepError
 from pipelines.dataset import SAMPLE_DATASET, SAMPLE_SYSTEM_PROMPT, DatasetConfig
+from pipelines.lib import dataset_folder, readers, shapes
 from studio import store
 from studio.jobs import JobRunner
 from studio.settings import Settings
@@ -58,7 +59,7 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
                 label="Files",
                 file_count="multiple",
                 type="filepath",
-                file_types=list(dataset.FILE_TYPES),
+                file_types=list(readers.FILE_TYPES),
                 elem_id="data-files",
             )
             sample = gr.Button(
@@ -76,7 +77,7 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
     detected = gr.Markdown(elem_id="data-detected")
     with gr.Accordion("Column mapping", open=True):
         shape = gr.Dropdown(
-            choices=["auto", *dataset.SHAPES],
+            choices=["auto", *shapes.SHAPES],
             value="auto",
             label="Shape",
             info="How rows are read; 'auto' picks it from the column names.",
@@ -115,7 +116,7 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
             scale=3,
             elem_id="data-chosen",
         )
-        split = gr.Radio(choices=list(dataset.SPLITS), value="train", label="Split", scale=2)
+        split = gr.Radio(choices=list(dataset_folder.SPLITS), value="train", label="Split", scale=2)
         page = gr.Number(value=1, precision=0, label="Page", minimum=1, scale=1)
     dataset_info = gr.Markdown()
     dataset_rows = gr.Dataframe(
@@ -318,7 +319,7 @@ def show_dataset(
     folder = Path(home) / rows[0]["path"]
     stats = json.loads((folder / "stats.json").read_text())
     page = max(1, int(page or 1))
-    items = dataset.read_split(folder, split, (page - 1) * PAGE_SIZE, PAGE_SIZE)
+    items = dataset_folder.read_split(folder, split, (page - 1) * PAGE_SIZE, PAGE_SIZE)
     count = stats.get("splits", {}).get(split, 0)
     pages = max(1, -(-count // PAGE_SIZE))
     info = (

@@ -13,8 +13,8 @@ from typing import Any
 import gradio as gr
 
 from pipelines.benchmark import BenchmarkConfig
-from pipelines.card import check_card, model_card
-from pipelines.onnx_model import is_onnx_folder
+from pipelines.lib.card import check_card, model_card
+from pipelines.lib.onnx_model import is_onnx_folder
 from pipelines.publish import TOKEN_ENV, PublishConfig, foundry_commands, kind_of
 from studio import deploy, quota, store
 from studio.chat import ChatClient, ChatError

@@ -11,13 +11,14 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from pipelines import finetune
 from pipelines.base import StepError
 from pipelines.evaluate import EvaluateConfig
 from pipelines.finetune import FinetuneConfig
-from pipelines.generation import API_KEY_ENV, check_connection
+from pipelines.lib import memory
+from pipelines.lib.generation import API_KEY_ENV, check_connection
+from pipelines.lib.models import model_arch
+from pipelines.lib.tasks import PRESETS
 from pipelines.synthesize import SynthesizeConfig
-from pipelines.tasks import PRESETS
 from studio import distill, quota, store
 from studio.jobs import JobRunner
 from studio.quota import LimitReached
@@ -316,19 +317,19 @@ def student_md(
     if pruned and kind == "Endpoint":
         return "⚠️ A pruned copy needs a local teacher: pick a student model instead."
     base = teacher if pruned else student
-    arch = finetune.model_arch(base or "bundled")
+    arch = model_arch(base or "bundled")
     if arch is None:
         return "Student size: unknown until the model is downloaded."
     keep = int(keep_layers or 0) if pruned else 0
     layers = arch["num_hidden_layers"]
     if pruned and not 1 <= keep <= layers:
         return f"⚠️ Keep layers must be between 1 and {layers} (the teacher's layers)."
-    params = finetune.count_parameters({**arch, "num_hidden_layers": keep or layers})
+    params = memory.count_parameters({**arch, "num_hidden_layers": keep or layers})
     text = f"Student: **{params / 1e6:.0f}M** parameters, about **{params * 4 / 2**20:.0f} MB** "
     text += "in fp32"
-    teacher_arch = finetune.model_arch(teacher or "bundled") if kind != "Endpoint" else None
+    teacher_arch = model_arch(teacher or "bundled") if kind != "Endpoint" else None
     if teacher_arch:
-        full = finetune.count_parameters(teacher_arch)
+        full = memory.count_parameters(teacher_arch)
         text += f" ({100 * params / full:.0f}% of the teacher's {full / 1e6:.0f}M)"
     if pruned:
         text += f"; {keep} of {layers} layers, chosen evenly"
@@ -344,7 +345,7 @@ def student_md(
         return text + f". ⚠️ {e}"
     import psutil
 
-    estimate = finetune.estimate_memory(
+    estimate = memory.estimate_memory(
         arch,
         config,
         False,
@@ -352,7 +353,7 @@ def student_md(
         teacher_arch=teacher_arch if logits else None,
     )
     icon = "⚠️ " if estimate["fits"] is False else ""
-    return text + f".\n\n{icon}Training memory: {finetune.format_estimate(estimate)}."
+    return text + f".\n\n{icon}Training memory: {memory.format_estimate(estimate)}."
 
 
 def submit_distill(

@@ -12,8 +12,9 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines import finetune
-from pipelines.finetune import FinetuneConfig
+from pipelines.finetune import METHODS, FinetuneConfig
+from pipelines.lib import memory
+from pipelines.lib.models import model_arch
 from studio import store
 from studio.jobs import JobRunner
 from studio.ui import forms, runs_tab, session
@@ -60,7 +61,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
             info="The bundled SmolLM2-135M-Instruct, a model made here, a "
             "local folder or a Hub id.",
         )
-        method = gr.Radio(**_kwargs("method"), choices=list(finetune.METHODS))
+        method = gr.Radio(**_kwargs("method"), choices=list(METHODS))
     with gr.Row():
         lora_r = gr.Number(precision=0, **_kwargs("lora_r"))
         lora_alpha = gr.Number(precision=0, **_kwargs("lora_alpha"))
@@ -198,7 +199,7 @@ def estimate_md(
     checkpointing: bool,
 ) -> str:
     """The memory estimate for the form's settings, against this machine's free memory."""
-    arch = finetune.model_arch(base_model or "bundled")
+    arch = model_arch(base_model or "bundled")
     if arch is None:
         return "Memory estimate: unknown for this model until it is downloaded."
     try:
@@ -218,9 +219,9 @@ def estimate_md(
 
     available = gpu_free if gpu_free is not None else psutil.virtual_memory().available
     where = "GPU" if gpu_free is not None else "CPU"
-    estimate = finetune.estimate_memory(arch, config, gpu_free is not None, available)
+    estimate = memory.estimate_memory(arch, config, gpu_free is not None, available)
     icon = "⚠️ " if estimate["fits"] is False else ""
-    return f"{icon}Memory estimate ({where}): {finetune.format_estimate(estimate)}."
+    return f"{icon}Memory estimate ({where}): {memory.format_estimate(estimate)}."
 
 
 def submit_finetune(

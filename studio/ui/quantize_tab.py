@@ -10,8 +10,8 @@ from typing import Any
 
 import gradio as gr
 
+from pipelines.lib.tasks import PRESETS
 from pipelines.quantize import SUPPORTED, QuantizeConfig, proposal
-from pipelines.tasks import PRESETS
 from studio import store
 from studio.jobs import JobRunner, config_of
 from studio.ui import forms, runs_tab, session, views

@@ -80,7 +80,7 @@ class OnnxModel:
     def _one(self, messages: list[dict[str, str]], sampling: Any) -> Any:
         import onnxruntime_genai as og
 
-        from pipelines.generation import Reply, cut_at_stop
+        from pipelines.lib.sampling import Reply, cut_at_stop
 
         ids = self.tokenizer.encode(self.prompt_text(messages))
         params = og.GeneratorParams(self.model)
@@ -124,7 +124,7 @@ class OnnxModel:
 
         import numpy as np
 
-        from pipelines.finetune import chat_labels
+        from pipelines.lib.templates import chat_labels
 
         total, count = 0.0, 0
         for messages in conversations:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.base import StepError, option
+from pipelines.lib.sampling import Reply, Sampling, cut_at_stop
 
 API_KEY_ENV = "STUDIO_TEACHER_API_KEY"  # where the studio puts a key typed into the UI
 BACKOFF_S = 1.0  # first retry wait; doubles each time (capped), with jitter
@@ -94,26 +95,6 @@ class TeacherFields:
         return open_model(self.teacher)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    stop: tuple[str, ...] = ()
-    seed: int = 42
-
-
-@dataclass
-class Reply:
-    text: str | None  # None when the request failed
-    error: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seconds: float = 0.0
-    first_token_s: float | None = None  # time to the first token (local models, one at a time)
-    stopped: bool | None = None  # ended at an end-of-sequence token, not at the length limit
-
-
 def api_key(env_name: str = "") -> str:
     return os.environ.get(env_name or API_KEY_ENV, "")
 
@@ -123,8 +104,8 @@ def api_key(env_name: str = "") -> str:
 
 def open_model(spec: str) -> Any:
     """A local model that answers chats: an ONNX Runtime GenAI folder, else transformers."""
-    from pipelines.models import resolve_model
-    from pipelines.onnx_model import OnnxModel, is_onnx_folder
+    from pipelines.lib.models import resolve_model
+    from pipelines.lib.onnx_model import OnnxModel, is_onnx_folder
 
     path = resolve_model(spec)
     return OnnxModel(path) if is_onnx_folder(path) else LocalModel(spec)
@@ -138,7 +119,7 @@ class LocalModel:
     def __init__(self, spec: str):
         import torch
 
-        from pipelines.models import load_causal_lm, resolve_model
+        from pipelines.lib.models import load_causal_lm, resolve_model
 
         self.spec, self.path = spec, resolve_model(spec)
         self.cuda = torch.cuda.is_available()
@@ -203,7 +184,7 @@ class LocalModel:
 
         import torch
 
-        from pipelines.finetune import chat_labels
+        from pipelines.lib.templates import chat_labels
 
         total, count = 0.0, 0
         for messages in conversations:
@@ -270,11 +251,6 @@ class _FirstToken:
     def end(self) -> None:
         if self.at is None:
             self.at = time.perf_counter()
-
-
-def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return text[:cut] if cut >= 0 else text
 
 
 # --- endpoints ---------------------------------------------------------------------------------
@@ -463,8 +439,7 @@ def check_connection(fields: TeacherFields, key: str | None = None, timeout_s: f
 
 
 def _check_local(spec: str) -> str:
-    from pipelines.finetune import model_arch
-    from pipelines.models import BUNDLED, BUNDLED_ALIASES, bundled_gguf, hub_offline
+    from pipelines.lib.models import BUNDLED, BUNDLED_ALIASES, bundled_gguf, hub_offline, model_arch
 
     spec = spec.strip()
     if spec in BUNDLED_ALIASES:

@@ -9,20 +9,37 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pipelines.base import Log, Progress, Reporter, StepError, fmt
-from pipelines.quantize import CHECK_MEMORY, CHECK_PARITY, CHECK_QUALITY, CHECK_SPEED
 
-if TYPE_CHECKING:
-    from pipelines.quantize import QuantizeConfig
+CHECK_QUALITY, CHECK_SPEED = "quality kept (%)", "decode speed-up (x)"
+CHECK_MEMORY, CHECK_PARITY = "memory saved (%)", "chat template and end of sequence"
 
-BUILTIN_PROMPTS = Path(__file__).parent / "samples" / "heldout_chat.jsonl"
+
+class GateConfig(Protocol):
+    """What the gate reads (QuantizeConfig has these fields, and TaskFields' build())."""
+
+    format: str
+    execution_provider: str
+    task: str
+    dataset_dir: str
+    split: str
+    max_rows: int
+    max_new_tokens: int
+    min_quality_pct: float
+    min_speedup: float
+    min_memory_saved_pct: float
+
+    def build(self, labels: list[str]) -> Any: ...
+
+
+BUILTIN_PROMPTS = Path(__file__).parent.parent / "samples" / "heldout_chat.jsonl"
 MIN_STOP_PARITY = 0.8  # share of prompts where both models stop the same way
 
 
 def quality_gate(
-    config: QuantizeConfig,
+    config: GateConfig,
     source: Path,
     out: Path,
     report: Reporter,
@@ -31,9 +48,10 @@ def quality_gate(
     """The source and the quantized model answer the same held-out prompts one at a time:
     quality (task metric or perplexity), greedy agreement, chat template and end-of-sequence
     parity, size, decode speed, time to first token and memory, against the user's gates."""
-    from pipelines.evaluate import held_out
-    from pipelines.generation import LocalModel, Sampling
-    from pipelines.tasks import build_task, dataset_labels
+    from pipelines.lib.dataset_folder import dataset_labels, held_out
+    from pipelines.lib.generation import LocalModel
+    from pipelines.lib.sampling import Sampling
+    from pipelines.lib.tasks import build_task
 
     if config.dataset_dir:
         folder = Path(config.dataset_dir)
@@ -64,7 +82,7 @@ def quality_gate(
     results["source"], replies["source"] = _measure(
         "source", LocalModel(str(source)), prompts, conversations, sampling, report, 1
     )
-    from pipelines.models import load_tokenizer
+    from pipelines.lib.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(source))
     parity = _parity(config, tokenizer, source, out, prompts, replies, adapter_file)
@@ -103,7 +121,7 @@ def quality_gate(
     return gate
 
 
-def _gate_device(config: QuantizeConfig, out: Path) -> tuple[str, str]:
+def _gate_device(config: GateConfig, out: Path) -> tuple[str, str]:
     """Where the quantized model is measured: on its target when this machine has it."""
     if config.format == "bitsandbytes" or config.execution_provider == "cpu":
         return config.execution_provider, ""
@@ -123,8 +141,8 @@ def _gate_device(config: QuantizeConfig, out: Path) -> tuple[str, str]:
 
 
 def _open_quantized(config, out: Path, measured_on: str, adapter_file: str | None) -> Any:
-    from pipelines.generation import LocalModel
-    from pipelines.onnx_model import OnnxModel
+    from pipelines.lib.generation import LocalModel
+    from pipelines.lib.onnx_model import OnnxModel
 
     if config.format == "bitsandbytes":
         return LocalModel(str(out))
@@ -168,7 +186,7 @@ def memory_probe(model: Any, prompt: list[dict[str, str]], sampling: Any) -> int
     """Peak memory a fresh process needs to load the model and answer one prompt: its resident
     set's growth after the libraries are imported (on CUDA, the peak allocated). Measured apart,
     because memory this process freed earlier would hide what the next model takes."""
-    from pipelines.onnx_model import OnnxModel
+    from pipelines.lib.onnx_model import OnnxModel
 
     args = {
         "path": str(model.path),
@@ -179,7 +197,7 @@ def memory_probe(model: Any, prompt: list[dict[str, str]], sampling: Any) -> int
         "max_new_tokens": min(16, sampling.max_new_tokens),
     }
     result = subprocess.run(
-        [sys.executable, "-c", "from pipelines import gate; gate._probe_child()", "--"]
+        [sys.executable, "-c", "from pipelines.lib import gate; gate._probe_child()", "--"]
         + [json.dumps(args)],
         capture_output=True,
         text=True,
@@ -199,13 +217,13 @@ def _probe_child() -> None:
     if args["onnx"]:  # an ONNX model is served without torch: its baseline has no torch either
         import onnxruntime_genai  # noqa: F401
 
-        from pipelines.onnx_model import OnnxModel as Model
+        from pipelines.lib.onnx_model import OnnxModel as Model
     else:
         import torch
         import transformers  # noqa: F401
 
-        from pipelines.generation import LocalModel as Model
-    from pipelines.generation import Sampling
+        from pipelines.lib.generation import LocalModel as Model
+    from pipelines.lib.sampling import Sampling
 
     # the resident set sampled (ru_maxrss would keep the parent's peak from before the exec)
     process, done = psutil.Process(), threading.Event()
@@ -236,7 +254,7 @@ def _parity(config, tokenizer, source, out, prompts, replies, adapter_file) -> d
     """Does the quantized model see the prompts the source sees, and stop where it stops?"""
     checks: dict[str, Any] = {}
     if config.format == "onnx":
-        from pipelines.onnx_model import OnnxModel, eos_ids
+        from pipelines.lib.onnx_model import OnnxModel, eos_ids
 
         model = OnnxModel(out, on_cpu=True)
         try:
@@ -298,7 +316,7 @@ def _agreement(tokenizer, source: list, quantized: list) -> dict[str, float]:
     }
 
 
-def _gates(config: QuantizeConfig, metric: str, results: dict[str, dict]) -> dict[str, Any]:
+def _gates(config: GateConfig, metric: str, results: dict[str, dict]) -> dict[str, Any]:
     source, quantized = results["source"], results["quantized"]
     if metric in ("accuracy", "exact_match") and source.get("metric"):
         quality_by = metric

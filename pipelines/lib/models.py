@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +16,18 @@ BUNDLED_ALIASES = ("", "bundled", BUNDLED)
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # used instead when the package is missing
 MODEL_FILES = ("config.json", "adapter_config.json", "genai_config.json")
+
+# The bundled model's architecture (SmolLM2-135M-Instruct), so that the memory estimate works
+# before its GGUF has been converted.
+BUNDLED_ARCH = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+}
 
 
 def models_dir() -> Path:
@@ -194,3 +207,24 @@ def _download(repo_id: str) -> str:
             f"could not download '{repo_id}' from the Hugging Face Hub ({e}). Check the "
             "id and the network, or use a local model folder."
         ) from None
+
+
+def model_arch(spec: str) -> dict[str, Any] | None:
+    """Architecture numbers from a model's config.json without loading it (None if unknown)."""
+    if spec.strip() in BUNDLED_ALIASES:
+        return BUNDLED_ARCH
+    path = Path(spec).expanduser() / "config.json"
+    if not path.exists():
+        path = models_dir() / spec / "config.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    data = data.get("text_config", data)
+    needed = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+    )
+    return data if all(k in data for k in needed) else None

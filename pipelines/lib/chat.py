@@ -1,6 +1,6 @@
 """Chat replies from transformers models and adapters, streamed token by token.
 
-Run as (the studio starts it for the chat panel): python -m pipelines.chat
+Run as (the studio starts it for the chat panel): python -m pipelines.lib.chat
 It reads one JSON request per line on stdin and answers with JSON lines on stdout.
 """
 
@@ -21,7 +21,7 @@ KEEP_LOADED = 2  # side by side needs two
 
 def load(spec: str) -> tuple[Any, Any]:
     """(model, tokenizer) for a model spec or an adapter folder; the last two stay loaded."""
-    from pipelines.models import load_causal_lm, resolve_model
+    from pipelines.lib.models import load_causal_lm, resolve_model
 
     path = resolve_model(spec)
     if path in _loaded:

@@ -3,13 +3,10 @@ extracts a valid answer from a reply, and the metric that scores answers against
 
 from __future__ import annotations
 
-import json
 import re
 import string
 import typing
-from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pipelines.base import option
@@ -255,29 +252,6 @@ def build_task(
         answer_pattern=answer_pattern,
         chain_of_thought=chain_of_thought,
     )
-
-
-def dataset_labels(folder: Path, limit: int = 50) -> list[str]:
-    """The label set of a classification dataset: the labels its import counted, else its
-    distinct answers (at most `limit`)."""
-    stats = folder / "stats.json"
-    if stats.exists():
-        labels = json.loads(stats.read_text()).get("labels") or {}
-        if labels:
-            return sorted(labels)
-    rows = []
-    if (folder / "train.jsonl").exists():
-        with (folder / "train.jsonl").open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f]
-    counts = Counter(
-        m["content"].strip()
-        for row in rows
-        for m in (row.get("messages") or [])[-1:]
-        if m["role"] == "assistant"
-    )
-    if not counts or len(counts) > limit:
-        return []
-    return sorted(counts)
 
 
 def label_bias(counts: dict[str, int], labels: tuple[str, ...]) -> float | None:

@@ -41,7 +41,11 @@ class Reporter(Protocol):
 
 @dataclass
 class StepResult:
-    """What a step produced: artifacts as (kind, path relative to workdir, meta) and a summary."""
+    """What a step produced: artifacts as (kind, path relative to workdir, meta) and a summary.
+
+    Every step config also has two properties: `queue` (which job queue runs it) and `outputs`
+    (output name -> kind; the name is its path under the workdir), so that the studio can name a
+    run's outputs before it has run, and never builds a run's paths itself."""
 
     artifacts: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)

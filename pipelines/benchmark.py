@@ -72,6 +72,10 @@ class BenchmarkConfig:
         """Timing runs on the compute queue, so that no training shares the CPU with it."""
         return "compute"
 
+    @property
+    def outputs(self) -> dict[str, str]:
+        return {"report.json": "report"}
+
 
 CONFIG = BenchmarkConfig
 

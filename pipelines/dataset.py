@@ -128,6 +128,10 @@ class DatasetConfig:
         """Imports are light: they get their own queue instead of waiting behind training."""
         return "network" if self.hub_dataset else "data"
 
+    @property
+    def outputs(self) -> dict[str, str]:
+        return {"dataset": "dataset"}
+
 
 CONFIG = DatasetConfig
 

@@ -59,6 +59,10 @@ class EvaluateConfig(TaskFields, TeacherFields):
     def queue(self) -> str:
         return "compute"
 
+    @property
+    def outputs(self) -> dict[str, str]:
+        return {"report.json": "report"}
+
 
 CONFIG = EvaluateConfig
 

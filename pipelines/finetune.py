@@ -209,6 +209,16 @@ class FinetuneConfig:
     def queue(self) -> str:
         return "compute"
 
+    @property
+    def outputs(self) -> dict[str, str]:
+        """Full finetuning writes `model`; LoRA/QLoRA `adapter` and (merged) `merged`; a pruned
+        student also keeps its untrained base as `student_base`."""
+        if self.method == "full":
+            outputs = {"model": "model"}
+        else:
+            outputs = {"adapter": "adapter", **({"merged": "model"} if self.merge else {})}
+        return outputs | ({"student_base": "model"} if self.keep_layers else {})
+
 
 CONFIG = FinetuneConfig
 

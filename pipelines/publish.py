@@ -62,6 +62,11 @@ class PublishConfig:
     def queue(self) -> str:
         return "network"
 
+    @property
+    def outputs(self) -> dict[str, str]:
+        """hub: the card it pushed; foundry: foundry/<name>/ and foundry/<name>.zip."""
+        return {"README.md": "card"} if self.destination == "hub" else {"foundry": "foundry"}
+
 
 CONFIG = PublishConfig
 

@@ -159,6 +159,11 @@ class QuantizeConfig(TaskFields):
     def queue(self) -> str:
         return "compute"
 
+    @property
+    def outputs(self) -> dict[str, str]:
+        folder = {ONNX_DIR: "onnx"} if self.format == "onnx" else {BNB_DIR: "model"}
+        return folder | ({"report.json": "report"} if self.gate else {})
+
     def recipe(self) -> str:
         """The recipe in a few words, for names, cards and logs."""
         if self.format == "bitsandbytes":

@@ -75,6 +75,10 @@ class SynthesizeConfig(TaskFields, TeacherFields):
     def queue(self) -> str:
         return "network" if self.endpoint else "compute"
 
+    @property
+    def outputs(self) -> dict[str, str]:
+        return {"dataset": "dataset"}
+
 
 CONFIG = SynthesizeConfig
 

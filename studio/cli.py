@@ -357,9 +357,7 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
         runner = JobRunner(settings.home, queues=settings.queues)
         imported = runner.submit("dataset", import_config, name=import_config.name)
         print(f"queued {imported} (dataset import)", flush=True)
-        config = dataclasses.replace(
-            config, dataset_dir=str(settings.home / "runs" / imported / "out" / "dataset")
-        )
+        config = dataclasses.replace(config, dataset_dir=str(runner.output(imported, "dataset")))
     code, run_id = _submit(
         settings,
         "finetune",

@@ -12,6 +12,7 @@ from pipelines.finetune import FinetuneConfig
 from pipelines.lib.generation import TeacherFields
 from pipelines.lib.tasks import TaskFields
 from pipelines.synthesize import SynthesizeConfig
+from studio import store
 from studio.jobs import JobRunner
 
 SHARED = [f.name for f in dataclasses.fields(TeacherFields)] + [
@@ -56,12 +57,16 @@ def submit(
     secrets: dict[str, str] | None = None,
     depends_on: str | None = None,
     owner: str | None = None,
+    chain_id: str | None = None,
 ) -> dict[str, str]:
-    """Queue the chain (after `depends_on`, e.g. the import of its dataset); returns the run id
-    of each step."""
+    """Queue the chain (after `depends_on`, e.g. the import of its dataset) as a stored chain of
+    its own, or as part of `chain_id`; returns the run id of each step."""
     synth, student, evaluation = plan(spec)
     name = name or f"distill {Path(synth.dataset_dir).parent.parent.name}"
     runner.check(owner, [("synthesize", synth), ("finetune", student), ("evaluate", evaluation)])
+    if chain_id is None:
+        with store.connect(runner.home) as db:
+            chain_id = store.create_chain(db, "distill", name, owner or "")
     synth_id = runner.submit(
         "synthesize",
         synth,
@@ -69,18 +74,25 @@ def submit(
         secrets=secrets,
         depends_on=depends_on,
         owner=owner,
+        chain=(chain_id, "synthesize"),
     )
-    data = runner.home / "runs" / synth_id / "out" / "dataset"
+    data = runner.output(synth_id, "dataset")
     student = dataclasses.replace(student, dataset_dir=str(data))
     tune_id = runner.submit(
-        "finetune", student, name=f"{name} · student", depends_on=synth_id, owner=owner
+        "finetune",
+        student,
+        name=f"{name} · student",
+        depends_on=synth_id,
+        owner=owner,
+        chain=(chain_id, "finetune"),
     )
-    out = runner.home / "runs" / tune_id / "out"
     evaluation = dataclasses.replace(
         evaluation,
         dataset_dir=str(data),
-        student=str(out / ("model" if student.method == "full" else "merged")),
-        student_base=str(out / "student_base") if student.keep_layers else student.base_model,
+        student=str(runner.output(tune_id, "model" if student.method == "full" else "merged")),
+        student_base=str(runner.output(tune_id, "student_base"))
+        if student.keep_layers
+        else student.base_model,
     )
     evaluate_id = runner.submit(
         "evaluate",
@@ -89,5 +101,6 @@ def submit(
         depends_on=tune_id,
         secrets=secrets,
         owner=owner,
+        chain=(chain_id, "evaluate"),
     )
     return {"synthesize": synth_id, "finetune": tune_id, "evaluate": evaluate_id}

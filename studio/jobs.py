@@ -68,8 +68,11 @@ class JobRunner:
         resumed_from: str | None = None,
         secrets: dict[str, str] | None = None,
         owner: str | None = None,
+        chain: tuple[str, str] | None = None,
     ) -> str:
         """Record a queued run and wake the runner; returns the run id at once.
+
+        `chain` is (chain id, this run's role in it) for runs queued together (store.create_chain).
 
         `secrets` (API keys) reach the run's process as environment variables; they are held
         in this runner's memory only, never written to the database or the run folder.
@@ -92,8 +95,11 @@ class JobRunner:
                 depends_on=depends_on,
                 resumed_from=resumed_from,
                 owner=owner or "",
+                outputs=config.outputs,
             )
-            run_dir = self.home / "runs" / run_id
+            if chain:
+                store.add_to_chain(db, chain[0], chain[1], run_id)
+            run_dir = store.run_dir(self.home, run_id)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(values, indent=2))
             if secrets:
@@ -157,6 +163,11 @@ class JobRunner:
             if store.get_run(db, run_id, owner) is None:
                 return False
             return store.mark_deleted(db, self.home, run_id)
+
+    def output(self, run_id: str, name: str) -> Path:
+        """Where run `run_id` writes (or wrote) its output `name` (see store.output)."""
+        with store.connect(self.home) as db:
+            return store.output(db, self.home, run_id, name)
 
     def wait(self, run_id: str, timeout: float = 60.0) -> dict[str, Any]:
         """Block until the run is final (tests, CLI); returns its row."""
@@ -259,7 +270,7 @@ class JobRunner:
     def _launch(self, db, run_id: str) -> bool:
         if not store.set_status(db, run_id, "running", message="starting"):
             return False  # canceled meanwhile
-        run_dir = self.home / "runs" / run_id
+        run_dir = store.run_dir(self.home, run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         env = child_environ(
             STUDIO_HOME=str(self.home),
@@ -305,7 +316,7 @@ class JobRunner:
                     store.set_status(db, run_id, "canceled", message="stopped by the user")
                     store.add_event(db, run_id, "status", "stopped by the user")
                 else:
-                    tail = _log_tail(self.home / "runs" / run_id / "log.txt")
+                    tail = _log_tail(store.run_dir(self.home, run_id) / "log.txt")
                     store.set_status(
                         db,
                         run_id,
@@ -365,7 +376,7 @@ def config_of(row: dict[str, Any]) -> Any:
 
 def resumable(home: Path, row: dict[str, Any]) -> bool:
     """A stopped run that saved checkpoints can continue from them."""
-    checkpoints = Path(home) / "runs" / row["id"] / "out" / CHECKPOINT_DIR
+    checkpoints = store.workdir(home, row["id"]) / CHECKPOINT_DIR
     return (
         row["status"] in ("interrupted", "canceled", "failed")
         and not row["deleted"]

@@ -65,6 +65,8 @@ def submit(
     """Queue the chain; returns the run id of each step (ORDER)."""
     home = runner.home
     runner.check(owner, [], room=len(ORDER))
+    with store.connect(home) as db:
+        chain_id = store.create_chain(db, "quickstart", name, owner or "")
     sample = store.keep_uploads(home, [str(SAMPLE_DATASET)], owner or "")
     dataset = DatasetConfig(
         name="support (quick start)",
@@ -74,12 +76,19 @@ def submit(
         validation_ratio=0.1,
         test_ratio=0.1,  # the held-out rows of the report and the quality gate
     )
-    dataset_id = runner.submit("dataset", dataset, name=f"{name} · import", owner=owner)
-    data = str(home / "runs" / dataset_id / "out" / "dataset")
-    chain = distill.submit(
-        runner, {**SPEC, "dataset_dir": data}, name=name, depends_on=dataset_id, owner=owner
+    dataset_id = runner.submit(
+        "dataset", dataset, name=f"{name} · import", owner=owner, chain=(chain_id, "dataset")
     )
-    student = str(home / "runs" / chain["finetune"] / "out" / "model")
+    data = str(runner.output(dataset_id, "dataset"))
+    chain = distill.submit(
+        runner,
+        {**SPEC, "dataset_dir": data},
+        name=name,
+        depends_on=dataset_id,
+        owner=owner,
+        chain_id=chain_id,
+    )
+    student = str(runner.output(chain["finetune"], "model"))
     lora = FinetuneConfig(dataset_dir=data, base_model=student, **LORA)
     lora_id = runner.submit(
         "finetune",
@@ -87,29 +96,29 @@ def submit(
         name=f"{name} · LoRA on the labels",
         depends_on=chain["evaluate"],
         owner=owner,
+        chain=(chain_id, "lora"),
     )
-    merged = str(home / "runs" / lora_id / "out" / "merged")
+    merged = str(runner.output(lora_id, "merged"))
     quantize = QuantizeConfig(model=merged, dataset_dir=data, **GATE)
     quantize_id = runner.submit(
-        "quantize", quantize, name=f"{name} · int4", depends_on=lora_id, owner=owner
+        "quantize",
+        quantize,
+        name=f"{name} · int4",
+        depends_on=lora_id,
+        owner=owner,
+        chain=(chain_id, "quantize"),
     )
     return {"dataset": dataset_id, **chain, "lora": lora_id, "quantize": quantize_id}
 
 
-def latest(home: Path, name: str = "Quick start", owner: str | None = None) -> dict[str, str]:
-    """The newest chain `submit` queued (found again after a closed tab or a restart)."""
-    where, params = "name like ? and deleted = 0", [f"{name} · %"]
-    if owner is not None:
-        where, params = where + " and owner = ?", [*params, owner]
+def latest(home: Path, owner: str | None = None) -> dict[str, str]:
+    """The newest chain `submit` queued (found again after a closed tab or a restart); {} when
+    there is none, or when one of its runs was deleted."""
     with store.connect(home) as db:
-        rows = list(db["runs"].rows_where(where, params, order_by="created_at desc", limit=12))
-    runs: dict[str, str] = {}
-    for row in rows:  # newest first: stop at the chain's import
-        step = "lora" if row["name"].endswith("LoRA on the labels") else row["step"]
-        runs.setdefault(step, row["id"])
-        if step == "dataset":
-            break
-    return runs if set(runs) == set(ORDER) else {}
+        runs = store.latest_chain(db, "quickstart", owner)
+        rows = [store.get_run(db, run_id) for run_id in runs.values()]
+    complete = set(runs) == set(ORDER) and all(r and not r["deleted"] for r in rows)
+    return runs if complete else {}
 
 
 def state(home: Path, runs: dict[str, str]) -> list[dict[str, Any]]:
@@ -133,7 +142,8 @@ def state(home: Path, runs: dict[str, str]) -> list[dict[str, Any]]:
 
 def onnx_folder(home: Path, runs: dict[str, str]) -> Path | None:
     """The quantized model, once the chain's last run succeeded."""
-    folder = Path(home) / "runs" / runs["quantize"] / "out" / "onnx"
+    with store.connect(home) as db:
+        folder = store.output(db, home, runs["quantize"], "onnx")
     return folder if folder.is_dir() else None
 
 

@@ -68,8 +68,8 @@ def check_paths(db: Database, home: Path, owner: str, config: dict[str, Any]) ->
         if any(path == root or root in path.parents for root in [*shared, own_uploads]):
             continue
         if home in path.parents or path == home:
-            parts = path.relative_to(home).parts
-            if len(parts) >= 2 and parts[0] == "runs" and store.get_run(db, parts[1], owner):
+            run_id = store.run_of_path(home, path)
+            if run_id and store.get_run(db, run_id, owner):
                 continue
         elif not path.exists():
             continue  # not a local path: a Hub id, a URL, a prompt

@@ -23,6 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pipelines.lib.onnx_model import GENAI_CONFIG, eos_ids, is_onnx_folder, load_model
+from studio import store
+from studio.settings import Settings
 
 API_KEY_ENV = "STUDIO_RUNTIME_API_KEY"  # the key, so that it never shows in `ps`
 # A chat's key/value cache is allocated for its whole length at once (322 MB for SmolLM2's 8192
@@ -545,9 +547,8 @@ def model_names(paths: list[str]) -> dict[str, str]:
                 f"{path} is not an ONNX Runtime GenAI folder (no genai_config.json): quantize "
                 "the model first (Quantize tab or slmops quantize)"
             )
-        if not name:
-            parts = folder.parts
-            name = parts[-3] if len(parts) > 3 and parts[-2] == "out" else folder.name
+        if not name:  # a run's output is named after the run
+            name = store.run_of_path(Settings.from_env().home, folder) or folder.name
         if name in named:
             raise ValueError(f"two models are named '{name}': use NAME=DIR")
         named[name] = str(folder)

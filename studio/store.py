@@ -9,22 +9,69 @@ import shutil
 import sqlite3
 from collections.abc import Iterable
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlite_utils import Database, Migrations
 
-STATUSES = ("queued", "running", "succeeded", "failed", "canceled", "interrupted")
-TERMINAL = ("succeeded", "failed", "canceled", "interrupted")
+
+class RunStatus(str, Enum):
+    """A run's state; stored as its value, and equal to it (RunStatus.QUEUED == "queued")."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    INTERRUPTED = "interrupted"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+STATUSES = tuple(s.value for s in RunStatus)
+TERMINAL = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELED, RunStatus.INTERRUPTED)
+ACTIVE = (RunStatus.QUEUED, RunStatus.RUNNING)
 # Which states a run may come *from* when moving to the key state. Terminal states are never
 # sources, so a finished run can't change again.
 ALLOWED_FROM = {
-    "running": ("queued",),
-    "succeeded": ("running",),
-    "failed": ("queued", "running"),
-    "canceled": ("queued", "running"),
-    "interrupted": ("running",),
+    RunStatus.RUNNING: (RunStatus.QUEUED,),
+    RunStatus.SUCCEEDED: (RunStatus.RUNNING,),
+    RunStatus.FAILED: (RunStatus.QUEUED, RunStatus.RUNNING),
+    RunStatus.CANCELED: (RunStatus.QUEUED, RunStatus.RUNNING),
+    RunStatus.INTERRUPTED: (RunStatus.RUNNING,),
 }
+OUT = "out"  # a run's outputs live in runs/<id>/out/<output name>
+
+
+class Run(TypedDict):
+    """A row of `runs` (JSON columns as text; `summary`/`config` parse them)."""
+
+    id: str
+    step: str
+    name: str
+    status: str
+    queue: str
+    config_json: str
+    outputs_json: str | None
+    depends_on: str | None
+    resumed_from: str | None
+    chain_id: str | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    progress: float
+    message: str
+    error: str | None
+    traceback: str | None
+    cancel_requested: int
+    cancel_requested_at: str | None
+    pid: int | None
+    summary_json: str | None
+    deleted: int
+    owner: str
+
 
 migrations = Migrations("slmops_studio")
 
@@ -126,8 +173,66 @@ def _owners(db: Database) -> None:
     db["runs"].create_index(["owner", "status"])
 
 
+@migrations(name="0004_outputs_and_chains")
+def _outputs_and_chains(db: Database) -> None:
+    """Each run's declared outputs (name -> kind), and chains of runs queued together (Distill,
+    Quick start) as rows of their own, with each run's role in its chain."""
+    db["runs"].add_column("outputs_json", str)
+    db["runs"].add_column("chain_id", str)
+    db["chains"].create(
+        {"id": str, "kind": str, "name": str, "owner": str, "runs_json": str, "created_at": str},
+        pk="id",
+        not_null=["kind", "runs_json", "created_at"],
+        defaults={"owner": "", "name": ""},
+    )
+    db["chains"].create_index(["kind", "owner", "created_at"])
+    _backfill_chains(db)
+
+
+def _backfill_chains(db: Database) -> None:
+    """Runs queued before chains were stored: each group linked by depends_on becomes a chain;
+    a Quick start (found by its run names, as the old code did) gets its roles back."""
+    rows = list(db["runs"].rows_where(order_by="created_at, id"))
+    root: dict[str, str] = {}
+    for row in rows:
+        parent = row["depends_on"]
+        root[row["id"]] = root.get(parent, parent) if parent else row["id"]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(root[row["id"]], []).append(row)
+    quickstart = {
+        "import": "dataset",
+        "teacher answers": "synthesize",
+        "student": "finetune",
+        "report": "evaluate",
+        "LoRA on the labels": "lora",
+        "int4": "quantize",
+    }
+    for chain_id, members in groups.items():
+        if len(members) < 2:
+            continue
+        suffixes = {m["name"].rsplit(" · ", 1)[-1]: m["id"] for m in members if " · " in m["name"]}
+        if set(quickstart) <= set(suffixes):
+            kind, name = "quickstart", members[0]["name"].rsplit(" · ", 1)[0]
+            runs = {role: suffixes[suffix] for suffix, role in quickstart.items()}
+        else:
+            kind, name = "chain", members[0]["name"]
+            runs = {f"{m['step']}-{i}": m["id"] for i, m in enumerate(members)}
+        db["chains"].insert(
+            {
+                "id": chain_id,
+                "kind": kind,
+                "name": name,
+                "owner": members[0]["owner"],
+                "runs_json": json.dumps(runs),
+                "created_at": members[0]["created_at"],
+            }
+        )
+        for m in members:
+            db["runs"].update(m["id"], {"chain_id": chain_id})
+
+
 SERVER_LIVE = ("starting", "serving")
-ACTIVE = ("queued", "running")
 
 
 def connect(home: Path) -> Database:
@@ -179,6 +284,84 @@ def uploads_dir(home: Path, owner: str = "") -> Path:
     return root / ("u-" + hashlib.sha256(owner.encode()).hexdigest()[:16]) if owner else root
 
 
+# --- where a run's files are: only this module knows the layout --------------------------------
+
+
+def run_dir(home: Path, run_id: str) -> Path:
+    """runs/<id>: the run's config.json and log.txt, and its outputs under out/."""
+    return Path(home) / "runs" / run_id
+
+
+def workdir(home: Path, run_id: str) -> Path:
+    """The folder a run's step writes its outputs into."""
+    return run_dir(home, run_id) / OUT
+
+
+def output(db: Database, home: Path, run_id: str, name: str) -> Path:
+    """Where a run's output `name` is (or will be, for a queued run): the name must be one its
+    config declared, or one it registered (runs made before outputs were declared)."""
+    run = get_run(db, run_id)
+    if run is None:
+        raise KeyError(f"no run {run_id!r}")
+    declared = json.loads(run.get("outputs_json") or "{}")
+    path = workdir(home, run_id) / name
+    registered = {a["path"] for a in artifacts(db, run_id=run_id)}
+    if name not in declared and str(path.relative_to(Path(home))) not in registered:
+        raise KeyError(
+            f"run {run_id} ({run['step']}) has no output {name!r}; it declares "
+            f"{', '.join(sorted(declared)) or 'none'}"
+        )
+    return path
+
+
+def run_of_path(home: Path, path: str | Path) -> str | None:
+    """The id of the run whose folder holds `path` (resolved first), else None."""
+    runs = (Path(home) / "runs").resolve()
+    resolved = Path(path).expanduser().resolve()
+    if runs not in resolved.parents:
+        return None
+    return resolved.relative_to(runs).parts[0]
+
+
+# --- chains: runs queued together (Distill, Quick start) --------------------------------------
+
+
+def create_chain(db: Database, kind: str, name: str = "", owner: str = "") -> str:
+    """A new, still empty chain; runs join it with `add_to_chain`."""
+    chain_id = new_run_id()
+    while db["chains"].count_where("id = ?", [chain_id]):
+        chain_id = new_run_id()
+    db["chains"].insert(
+        {
+            "id": chain_id,
+            "kind": kind,
+            "name": name,
+            "owner": owner,
+            "runs_json": "{}",
+            "created_at": utc_now(),
+        }
+    )
+    return chain_id
+
+
+def add_to_chain(db: Database, chain_id: str, role: str, run_id: str) -> None:
+    with db.atomic():
+        chain = db["chains"].get(chain_id)
+        runs = {**json.loads(chain["runs_json"]), role: run_id}
+        db["chains"].update(chain_id, {"runs_json": json.dumps(runs)})
+        db["runs"].update(run_id, {"chain_id": chain_id})
+
+
+def latest_chain(db: Database, kind: str, owner: str | None = None) -> dict[str, str]:
+    """Role -> run id of the newest chain of `kind` (the owner's, when given); {} if none."""
+    where, params = "kind = ?", [kind]
+    if owner is not None:
+        where, params = where + " and owner = ?", [kind, owner]
+    for chain in db["chains"].rows_where(where, params, order_by="created_at desc", limit=1):
+        return json.loads(chain["runs_json"])
+    return {}
+
+
 # --- runs -------------------------------------------------------------------------------------
 
 
@@ -192,7 +375,10 @@ def create_run(
     depends_on: str | None = None,
     resumed_from: str | None = None,
     owner: str = "",
+    outputs: dict[str, str] | None = None,
+    chain_id: str | None = None,
 ) -> str:
+    """Record a queued run; `outputs` are what its config declares it will write."""
     run_id = new_run_id()
     while db["runs"].count_where("id = ?", [run_id]):
         run_id = new_run_id()
@@ -201,9 +387,11 @@ def create_run(
             "id": run_id,
             "step": step,
             "name": name or step,
-            "status": "queued",
+            "status": RunStatus.QUEUED.value,
             "queue": queue,
             "config_json": json.dumps(config, ensure_ascii=False),
+            "outputs_json": json.dumps(outputs or {}),
+            "chain_id": chain_id,
             "depends_on": depends_on,
             "resumed_from": resumed_from,
             "created_at": utc_now(),
@@ -213,7 +401,7 @@ def create_run(
     return run_id
 
 
-def get_run(db: Database, run_id: str, owner: str | None = None) -> dict[str, Any] | None:
+def get_run(db: Database, run_id: str, owner: str | None = None) -> Run | None:
     """The run's row; None also when `owner` is given and the run is someone else's."""
     rows = list(db["runs"].rows_where("id = ?", [run_id]))
     if not rows or (owner is not None and rows[0]["owner"] != owner):
@@ -224,7 +412,7 @@ def get_run(db: Database, run_id: str, owner: str | None = None) -> dict[str, An
 def active_runs(db: Database, owner: str) -> int:
     """How many of the owner's runs are queued or running."""
     return db["runs"].count_where(
-        "owner = ? and status in (?, ?) and deleted = 0", [owner, *ACTIVE]
+        "owner = ? and status in (?, ?) and deleted = 0", [owner, *(s.value for s in ACTIVE)]
     )
 
 
@@ -236,7 +424,7 @@ def list_runs(
     include_deleted: bool = False,
     limit: int = 500,
     owner: str | None = None,
-) -> list[dict[str, Any]]:
+) -> list[Run]:
     """Newest first; `owner` (hosted mode) keeps that user's runs only."""
     where, params = [], []
     if owner is not None:
@@ -257,21 +445,27 @@ def list_runs(
     )
 
 
-def queued_runs(db: Database) -> list[dict[str, Any]]:
+def queued_runs(db: Database) -> list[Run]:
     """Queued runs in submission order (the runner launches them first come, first served)."""
     return list(db["runs"].rows_where("status = 'queued'", order_by="created_at, id"))
 
 
 def set_status(
-    db: Database, run_id: str, status: str, *, only_from: tuple[str, ...] = (), **fields: Any
+    db: Database,
+    run_id: str,
+    status: RunStatus | str,
+    *,
+    only_from: tuple[RunStatus, ...] = (),
+    **fields: Any,
 ) -> bool:
     """Move a run to `status` if that transition is legal; False means nothing changed.
 
     `only_from` narrows the legal source states (cancel moves only queued runs directly).
     """
-    stamp = "started_at" if status == "running" else "finished_at"
-    values = {"status": status, stamp: utc_now(), **fields}
-    sources = [s for s in ALLOWED_FROM[status] if not only_from or s in only_from]
+    status = RunStatus(status)
+    stamp = "started_at" if status == RunStatus.RUNNING else "finished_at"
+    values = {"status": status.value, stamp: utc_now(), **fields}
+    sources = [s.value for s in ALLOWED_FROM[status] if not only_from or s in only_from]
     # Column names come from this module's callers, never from user input.
     columns = ", ".join(f"[{name}] = ?" for name in values)
     placeholders = ", ".join("?" for _ in sources)
@@ -323,12 +517,12 @@ def mark_deleted(db: Database, home: Path, run_id: str) -> bool:
         cursor = db.execute(
             "update runs set deleted = 1 where id = ? and status in "
             f"({', '.join('?' for _ in TERMINAL)})",
-            [run_id, *TERMINAL],
+            [run_id, *(s.value for s in TERMINAL)],
         )
         if cursor.rowcount != 1:
             return False
         db.execute("update artifacts set deleted = 1 where run_id = ?", [run_id])
-    shutil.rmtree(Path(home) / "runs" / run_id, ignore_errors=True)
+    shutil.rmtree(run_dir(home, run_id), ignore_errors=True)
     return True
 
 

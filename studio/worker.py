@@ -64,10 +64,10 @@ def execute(home: Path, run_id: str) -> int:
             print(f"run {run_id} is not running; nothing to do", flush=True)
             return 1
         store.add_event(db, run_id, "status", f"started (pid {os.getpid()})")
-        workdir = home / "runs" / run_id / "out"
+        workdir = store.workdir(home, run_id)
         workdir.mkdir(parents=True, exist_ok=True)
         if row["resumed_from"]:
-            _copy_checkpoints(home / "runs" / row["resumed_from"] / "out", workdir)
+            _copy_checkpoints(store.workdir(home, row["resumed_from"]), workdir)
         try:
             module = STEPS[row["step"]]
             config_dict = json.loads(row["config_json"])

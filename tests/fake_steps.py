@@ -21,6 +21,10 @@ class FakeConfig:
     def queue(self) -> str:
         return self.queue_name
 
+    @property
+    def outputs(self) -> dict[str, str]:
+        return {"result.txt": "text"}
+
 
 CONFIG = FakeConfig
 

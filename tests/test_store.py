@@ -2,10 +2,12 @@
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 
 from studio import store
+from studio.jobs import JobRunner
 
 
 def test_migrations_apply_twice_as_a_no_op(home):
@@ -15,8 +17,9 @@ def test_migrations_apply_twice_as_a_no_op(home):
             "0001_initial",
             "0002_servers",
             "0003_owners",
+            "0004_outputs_and_chains",
         ]
-        tables = {"runs", "run_events", "metrics", "artifacts", "run_inputs", "servers"}
+        tables = {"runs", "run_events", "metrics", "artifacts", "run_inputs", "servers", "chains"}
         assert tables <= set(db.table_names())
         assert db.execute("pragma journal_mode").fetchone()[0] == "wal"
 
@@ -143,3 +146,78 @@ def test_runs_submitted_from_many_threads_are_all_stored(home, fake_steps):
     assert [r["created_at"] for r in rows] == sorted(r["created_at"] for r in rows)
     with store.connect(home) as db:
         assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_home_made_before_the_reshaping_opens_with_everything_intact(tmp_path):
+    """tests/fixtures/legacy_home.tar.gz was made by the code of commit 162c24f (an import, a
+    LoRA run depending on it named like a Quick start step, a failed run, a queued run waiting
+    for the LoRA run, a server): after the migrations every run, artifact, lineage link and
+    server is there, and outputs resolve by name."""
+    import tarfile
+
+    with tarfile.open(Path(__file__).parent / "fixtures" / "legacy_home.tar.gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    home = tmp_path / "home"
+    with store.connect(home) as db:
+        before = {t: db[t].count for t in ("runs", "artifacts", "run_inputs", "servers")}
+        lineage_before = list(db["run_inputs"].rows)
+    store.init(home)
+    with store.connect(home) as db:
+        assert (
+            {t: db[t].count for t in before}
+            == before
+            == {
+                "runs": 4,
+                "artifacts": 3,
+                "run_inputs": 1,
+                "servers": 1,
+            }
+        )
+        assert list(db["run_inputs"].rows) == lineage_before
+        runs = {r["name"]: r for r in store.list_runs(db)}
+        assert {n: r["status"] for n, r in runs.items()} == {
+            "legacy import": "succeeded",
+            "quickstart: LoRA": "succeeded",
+            "broken": "failed",
+            "waiting": "queued",
+        }
+        lora, data = runs["quickstart: LoRA"]["id"], runs["legacy import"]["id"]
+        assert store.lineage(db, lora)["inputs"][0]["made_by"] == data
+        # outputs registered by old runs resolve by name; a name nobody wrote does not
+        merged = store.output(db, home, lora, "merged")
+        assert (merged / "config.json").exists()
+        assert (store.output(db, home, data, "dataset") / "train.jsonl").exists()
+        with pytest.raises(KeyError, match="has no output 'onnx'"):
+            store.output(db, home, lora, "onnx")
+        # runs linked by depends_on became one chain
+        chain = {r["chain_id"] for r in runs.values() if r["name"] != "broken"}
+        assert len(chain) == 1 and None not in chain
+        assert runs["broken"]["chain_id"] is None
+        server = store.servers(db)[0]
+        assert server["port"] == 8123 and server["models"]["legacy"].endswith("/merged")
+
+
+def test_outputs_are_declared_before_the_run_and_checked_by_name(home):
+    from pipelines.finetune import FinetuneConfig
+
+    runner = JobRunner(home)  # not started: the run stays queued
+    lora = FinetuneConfig(dataset_dir="-", keep_layers=4)
+    run_id = runner.submit("finetune", lora)
+    assert runner.output(run_id, "merged") == store.workdir(home, run_id) / "merged"
+    assert runner.output(run_id, "student_base").name == "student_base"
+    with pytest.raises(KeyError, match="declares adapter, merged, student_base"):
+        runner.output(run_id, "model")
+    full = runner.submit("finetune", FinetuneConfig(dataset_dir="-", method="full"))
+    assert runner.output(full, "model").parent == store.workdir(home, full)
+    assert store.run_of_path(home, runner.output(full, "model") / "config.json") == full
+    assert store.run_of_path(home, home / "uploads" / "x.csv") is None
+
+
+def test_run_status_is_an_enum_equal_to_its_stored_value(home):
+    with store.connect(home) as db:
+        run_id = store.create_run(db, "dataset", {}, queue="data")
+        assert store.get_run(db, run_id)["status"] == store.RunStatus.QUEUED
+        assert store.set_status(db, run_id, store.RunStatus.RUNNING)
+        assert not store.set_status(db, run_id, "running")  # the same move twice: refused
+        with pytest.raises(ValueError):
+            store.set_status(db, run_id, "done")

@@ -156,6 +156,7 @@ def test_every_event_returns_what_its_outputs_expect(
     run_id = runner.submit("fake", fake_steps.FakeConfig(steps=2), owner="alice")
     # a start button with valid defaults (Quantize's bundled model) queues nothing real here
     monkeypatch.setattr(runner, "submit", lambda *args, **kwargs: run_id)
+    monkeypatch.setattr(runner, "output", lambda run, name: store.workdir(home, run) / name)
     request = gr.Request(username="alice") if hosted else None
     if hosted:
         settings = dataclasses.replace(settings, limits=Limits(), users={"alice": "pw"})

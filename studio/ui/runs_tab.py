@@ -361,7 +361,7 @@ def _cell(value: Any) -> str:
 
 
 def cli_command(home: Path, row: dict[str, Any]) -> str:
-    config = Path(home) / "runs" / row["id"] / "config.json"
+    config = store.run_dir(home, row["id"]) / "config.json"
     return f"slmops run {row['step']} --config {shlex.quote(str(config))} --follow"
 
 
@@ -431,7 +431,7 @@ def _log_text(home: Path, row: dict[str, Any], events: list[dict[str, Any]]) -> 
     lines = [f"{e['ts'][11:19]} {e['level']:<7} {e['message']}" for e in events]
     if row["traceback"]:
         lines += ["", "--- worker output (tail) ---", row["traceback"]]
-    log_file = Path(home) / "runs" / row["id"] / "log.txt"
+    log_file = store.run_dir(home, row["id"]) / "log.txt"
     if row["status"] == "running" and log_file.exists():
         with log_file.open("rb") as f:
             f.seek(max(0, log_file.stat().st_size - 4000))

@@ -17,6 +17,7 @@ from pipelines.dataset import DatasetConfig, format_report
 from studio import store
 from studio.jobs import JobRunner, config_of
 from studio.settings import Settings
+from studio.store import RunStatus
 from studio.ui import views
 
 
@@ -557,13 +558,17 @@ def _follow(settings: Settings, run_id: str) -> int:
                 cursor = event["id"]
                 print(event["message"], flush=True)
             shown = (round(100 * (row["progress"] or 0)), row["message"])
-            if row["status"] in ("queued", "running") and shown != last and shown[1]:
+            if (
+                row["status"] in (RunStatus.QUEUED, RunStatus.RUNNING)
+                and shown != last
+                and shown[1]
+            ):
                 last = shown
                 print(f"[{shown[0]:3d}%] {shown[1]}", flush=True)
             if row["status"] in store.TERMINAL:
                 break
             time.sleep(0.3)
-    if row["status"] != "succeeded":
+    if row["status"] != RunStatus.SUCCEEDED:
         print(
             f"error: run {run_id} {row['status']}: {row['error'] or row['message']}",
             file=sys.stderr,

@@ -84,9 +84,8 @@ def start_server(
     _children[proc.pid] = proc
     with store.connect(home) as db:
         server_id = store.add_server(
-            db, models, host, port, bool(api_key), str(log_path), owner=owner or ""
+            db, models, host, port, bool(api_key), str(log_path), owner=owner or "", pid=proc.pid
         )
-        db["servers"].update(server_id, {"pid": proc.pid})
     return server_id
 
 
@@ -109,7 +108,7 @@ def refresh(home: Path, owner: str | None = None) -> list[dict[str, Any]]:
 def stop_server(home: Path, server_id: int, owner: str | None = None) -> bool:
     """Ask the runtime to stop (SIGTERM to its process group); it exits within a few seconds."""
     with store.connect(home) as db:
-        row = db["servers"].get(server_id)
+        row = store.get_server(db, server_id)
         if row["status"] not in store.SERVER_LIVE or owner not in (None, row["owner"]):
             return False
         if _alive(row["pid"]):

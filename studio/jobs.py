@@ -25,6 +25,7 @@ from pipelines import STEPS
 from pipelines.base import CHECKPOINT_DIR, config_from_dict, config_to_dict
 from studio import quota, store, worker
 from studio.settings import DEFAULT_QUEUES, Limits, child_environ
+from studio.store import RunStatus
 
 log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -126,7 +127,11 @@ class JobRunner:
             if store.get_run(db, run_id, owner) is None:
                 return "unknown"
             if store.set_status(
-                db, run_id, "canceled", only_from=("queued",), message="canceled before it started"
+                db,
+                run_id,
+                "canceled",
+                only_from=(RunStatus.QUEUED,),
+                message="canceled before it started",
             ):
                 store.add_event(db, run_id, "status", "canceled before it started")
                 return "canceled"
@@ -228,11 +233,7 @@ class JobRunner:
         """One pass: reap finished children, escalate overdue cancels, launch what may start."""
         self._reap(db)
         self._escalate_cancels(db)
-        running: dict[str, int] = {}
-        for row in db.query(
-            "select queue, count(*) as n from runs where status = 'running' group by queue"
-        ):
-            running[row["queue"]] = row["n"]
+        running = store.running_per_queue(db)
         for row in store.queued_runs(db):
             if running.get(row["queue"], 0) >= self.queues.get(row["queue"], 1):
                 continue
@@ -245,9 +246,9 @@ class JobRunner:
         if not row["depends_on"]:
             return True
         parent = store.get_run(db, row["depends_on"])
-        if parent and parent["status"] == "succeeded" and not parent["deleted"]:
+        if parent and parent["status"] == RunStatus.SUCCEEDED and not parent["deleted"]:
             return True
-        if parent and parent["status"] in ("queued", "running"):
+        if parent and parent["status"] in (RunStatus.QUEUED, RunStatus.RUNNING):
             store.set_queued_message(db, row["id"], f"waiting for run {parent['id']}")
             return False
         state = (
@@ -260,7 +261,7 @@ class JobRunner:
         store.set_status(
             db,
             row["id"],
-            "failed",
+            RunStatus.FAILED,
             message="its input run did not succeed",
             error=f"run {row['depends_on']}, whose output this run needs, {state}. "
             "Re-run it, then re-run this one.",
@@ -268,7 +269,7 @@ class JobRunner:
         return False
 
     def _launch(self, db, run_id: str) -> bool:
-        if not store.set_status(db, run_id, "running", message="starting"):
+        if not store.set_status(db, run_id, RunStatus.RUNNING, message="starting"):
             return False  # canceled meanwhile
         run_dir = store.run_dir(self.home, run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -292,7 +293,7 @@ class JobRunner:
                     cwd=PROJECT_ROOT,
                 )
         except OSError as e:
-            store.set_status(db, run_id, "failed", error=f"could not start the worker: {e}")
+            store.set_status(db, run_id, RunStatus.FAILED, error=f"could not start the worker: {e}")
             return False
         store.set_pid(db, run_id, proc.pid)
         self._procs[run_id] = proc
@@ -311,16 +312,16 @@ class JobRunner:
             del self._procs[run_id]
             self._terminated.pop(run_id, None)
             row = store.get_run(db, run_id)
-            if row and row["status"] == "running":  # the worker died without saying how
+            if row and row["status"] == RunStatus.RUNNING:  # the worker died without saying how
                 if row["cancel_requested"]:
-                    store.set_status(db, run_id, "canceled", message="stopped by the user")
+                    store.set_status(db, run_id, RunStatus.CANCELED, message="stopped by the user")
                     store.add_event(db, run_id, "status", "stopped by the user")
                 else:
                     tail = _log_tail(store.run_dir(self.home, run_id) / "log.txt")
                     store.set_status(
                         db,
                         run_id,
-                        "failed",
+                        RunStatus.FAILED,
                         traceback=tail,
                         message="failed",
                         error=f"the worker process exited (code {code}) without "
@@ -333,7 +334,7 @@ class JobRunner:
     def _escalate_cancels(self, db) -> None:
         """Cooperative cancel first; after the grace period SIGTERM the group, then SIGKILL."""
         now = time.time()
-        for row in db["runs"].rows_where("status = 'running' and cancel_requested = 1"):
+        for row in store.cancels_pending(db):
             pid = row["pid"]
             if not pid or row["id"] not in self._procs:
                 continue
@@ -355,7 +356,7 @@ class JobRunner:
         row = store.get_run(db, run_id)
         if row["depends_on"] and not self._dependency_ready(db, row):
             return
-        if store.set_status(db, run_id, "running", message="starting"):
+        if store.set_status(db, run_id, RunStatus.RUNNING, message="starting"):
             secrets = self._secrets.pop(run_id, {})
             saved = {k: os.environ.get(k) for k in secrets}
             os.environ.update(secrets)
@@ -378,7 +379,7 @@ def resumable(home: Path, row: dict[str, Any]) -> bool:
     """A stopped run that saved checkpoints can continue from them."""
     checkpoints = store.workdir(home, row["id"]) / CHECKPOINT_DIR
     return (
-        row["status"] in ("interrupted", "canceled", "failed")
+        row["status"] in (RunStatus.INTERRUPTED, RunStatus.CANCELED, RunStatus.FAILED)
         and not row["deleted"]
         and checkpoints.is_dir()
         and any(checkpoints.iterdir())

@@ -450,6 +450,17 @@ def queued_runs(db: Database) -> list[Run]:
     return list(db["runs"].rows_where("status = 'queued'", order_by="created_at, id"))
 
 
+def running_per_queue(db: Database) -> dict[str, int]:
+    """Queue name -> how many of its runs are running now."""
+    rows = db.query("select queue, count(*) as n from runs where status = 'running' group by queue")
+    return {row["queue"]: row["n"] for row in rows}
+
+
+def cancels_pending(db: Database) -> list[Run]:
+    """Running runs whose user asked them to stop."""
+    return list(db["runs"].rows_where("status = 'running' and cancel_requested = 1"))
+
+
 def set_status(
     db: Database,
     run_id: str,
@@ -557,9 +568,11 @@ def add_server(
     key_required: bool,
     log_path: str,
     owner: str = "",
+    pid: int | None = None,
 ) -> int:
     row = {
         "owner": owner,
+        "pid": pid,
         "models_json": json.dumps(models),
         "host": host,
         "port": port,
@@ -569,6 +582,10 @@ def add_server(
         "started_at": utc_now(),
     }
     return db["servers"].insert(row).last_pk
+
+
+def get_server(db: Database, server_id: int) -> dict[str, Any]:
+    return dict(db["servers"].get(server_id))
 
 
 def set_server(db: Database, server_id: int, status: str, **fields: Any) -> bool:

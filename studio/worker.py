@@ -25,6 +25,7 @@ from pipelines.base import (
     config_from_dict,
 )
 from studio import store
+from studio.store import RunStatus
 
 
 class DbReporter:
@@ -60,7 +61,7 @@ def execute(home: Path, run_id: str) -> int:
     os.environ["STUDIO_HOME"] = str(home)  # where steps cache models (pipelines.lib.models)
     with store.connect(home) as db:
         row = store.get_run(db, run_id)
-        if row is None or row["status"] != "running":
+        if row is None or row["status"] != RunStatus.RUNNING:
             print(f"run {run_id} is not running; nothing to do", flush=True)
             return 1
         store.add_event(db, run_id, "status", f"started (pid {os.getpid()})")
@@ -75,11 +76,11 @@ def execute(home: Path, run_id: str) -> int:
             store.record_inputs(db, home, run_id, config_dict)
             result = module.run(config, workdir, DbReporter(db, run_id))
         except Cancelled:
-            store.set_status(db, run_id, "canceled", message="canceled by the user")
+            store.set_status(db, run_id, RunStatus.CANCELED, message="canceled by the user")
             store.add_event(db, run_id, "status", "canceled by the user")
             return 0
         except StepError as e:
-            store.set_status(db, run_id, "failed", error=str(e), message="failed")
+            store.set_status(db, run_id, RunStatus.FAILED, error=str(e), message="failed")
             store.add_event(db, run_id, "status", f"failed: {e}", level="error")
             return 1
         except Exception as e:  # the one broad except: any crash becomes a failed run, not a hang
@@ -87,7 +88,7 @@ def execute(home: Path, run_id: str) -> int:
             store.set_status(
                 db,
                 run_id,
-                "failed",
+                RunStatus.FAILED,
                 error=f"{type(e).__name__}: {e}",
                 traceback="\n".join(tb.splitlines()[-200:]),
                 message="failed",
@@ -99,7 +100,7 @@ def execute(home: Path, run_id: str) -> int:
             if store.set_status(
                 db,
                 run_id,
-                "succeeded",
+                RunStatus.SUCCEEDED,
                 progress=1.0,
                 message="done",
                 summary_json=json.dumps(result.summary, ensure_ascii=False),

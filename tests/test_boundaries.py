@@ -130,3 +130,18 @@ def test_readme_file_tree_lists_every_source_file():
 def test_ci_runs_exactly_the_readme_test_command():
     command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert command in (ROOT / "README.md").read_text()
+
+
+def test_all_sql_and_run_folder_paths_live_in_the_store():
+    """Only studio/store.py queries the database or knows where a run's files are."""
+    import re
+
+    sql = re.compile(r"db\[\"|\.execute\(|\.query\(|rows_where\(|/ \"runs\" /|/ \"out\"")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in ROOT.glob("studio/**/*.py")
+        if path.name != "store.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if sql.search(line)
+    ]
+    assert not offenders, offenders

@@ -22,6 +22,7 @@ from studio.deploy import DeployError
 from studio.jobs import JobRunner
 from studio.quota import LimitReached
 from studio.settings import Limits
+from studio.store import RunStatus
 from studio.ui import runs_tab, session
 from studio.ui.finetune_tab import model_choices
 
@@ -186,7 +187,7 @@ def servers_table(home: Path, owner: str | None = None) -> list[list[Any]]:
             r["id"],
             ", ".join(r["models"]),
             deploy.url(r),
-            r["status"] + (f": {r['error'][-160:]}" if r["status"] == "failed" else ""),
+            r["status"] + (f": {r['error'][-160:]}" if r["status"] == RunStatus.FAILED else ""),
             r["pid"],
             (r["started_at"] or "")[:19].replace("T", " "),
         ]
@@ -473,7 +474,7 @@ def foundry_status(home: Path, run_id: str, owner: str | None = None) -> tuple[A
     if row is None:
         return header, report, None
     summary = json.loads(row["summary_json"] or "{}")
-    if row["status"] != "succeeded" or "prompt_template" not in summary:
+    if row["status"] != RunStatus.SUCCEEDED or "prompt_template" not in summary:
         return header, report, None
     archive = next((Path(home) / a["path"] for a in outputs if a["kind"] == "foundry-zip"), None)
     text = (

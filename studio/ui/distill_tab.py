@@ -23,6 +23,7 @@ from studio import distill, quota, store
 from studio.jobs import JobRunner
 from studio.quota import LimitReached
 from studio.settings import Limits
+from studio.store import RunStatus
 from studio.ui import forms, session, views
 from studio.ui.finetune_tab import dataset_choices, model_choices
 
@@ -458,7 +459,7 @@ def chain_md(home: Path, runs: dict[str, str], owner: str | None = None) -> str:
 def report_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
     """Finished evaluations, newest first."""
     with store.connect(home) as db:
-        rows = store.list_runs(db, step="evaluate", status="succeeded", owner=owner)
+        rows = store.list_runs(db, step="evaluate", status=RunStatus.SUCCEEDED, owner=owner)
     return [(f"{r['name'] or r['id']} · {r['id']}", r["id"]) for r in rows]
 
 

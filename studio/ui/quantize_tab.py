@@ -14,6 +14,7 @@ from pipelines.lib.tasks import PRESETS
 from pipelines.quantize import SUPPORTED, QuantizeConfig, proposal
 from studio import store
 from studio.jobs import JobRunner, config_of
+from studio.store import RunStatus
 from studio.ui import forms, runs_tab, session, views
 from studio.ui.distill_tab import answer_length
 from studio.ui.finetune_tab import dataset_choices, gpu_free_bytes, model_choices
@@ -216,7 +217,7 @@ def _proposal(home: Path, run_id: str, owner: str | None = None) -> QuantizeConf
         return None
     with store.connect(home) as db:
         row = store.get_run(db, run_id, owner)
-    if row is None or row["step"] != "quantize" or row["status"] != "succeeded":
+    if row is None or row["step"] != "quantize" or row["status"] != RunStatus.SUCCEEDED:
         return None
     gate = json.loads(row["summary_json"] or "{}").get("gate")
     if not gate or gate["verdict"] == "pass":

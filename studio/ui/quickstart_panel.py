@@ -14,6 +14,7 @@ import gradio as gr
 from studio import deploy, quickstart
 from studio.jobs import JobRunner
 from studio.settings import Limits
+from studio.store import RunStatus
 from studio.ui import session, views
 from studio.ui.deploy_tab import playground_choices
 
@@ -71,7 +72,7 @@ def tick(
         return ({}, "", "", was_open, *(gr.skip(),) * 3)
     steps = quickstart.state(home, runs)
     folder = quickstart.onnx_folder(home, runs)
-    if folder is None or steps[-1]["status"] != "succeeded":
+    if folder is None or steps[-1]["status"] != RunStatus.SUCCEEDED:
         return (runs, status_html(home, runs), "", was_open, *(gr.skip(),) * 3)
     served = deploy.serving(home, str(folder))
     if served is None and deploy.ever_served(home, str(folder)):

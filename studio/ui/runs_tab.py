@@ -15,6 +15,7 @@ from pipelines import STEPS
 from studio import deploy, store
 from studio.jobs import JobRunner, resumable
 from studio.quota import LimitReached
+from studio.store import RunStatus
 from studio.ui import session, views
 
 CURVES = {
@@ -217,7 +218,7 @@ def button_states(home: Path, run_id: str, owner: str | None = None) -> tuple:
     if row is None:
         return (gr.update(interactive=False),) * 3
     return (
-        gr.update(interactive=row["status"] in ("queued", "running")),
+        gr.update(interactive=row["status"] in (RunStatus.QUEUED, RunStatus.RUNNING)),
         gr.update(interactive=resumable(home, row)),
         gr.update(interactive=row["status"] in store.TERMINAL),
     )
@@ -232,9 +233,9 @@ def run_status(home: Path, run_id: str, owner: str | None = None) -> tuple[str, 
     if row is None:
         return "", ""
     header = f"Run <code>{run_id}</code> ({row['name']}) · {views.progress_html(row)}"
-    if row["status"] == "succeeded":
+    if row["status"] == RunStatus.SUCCEEDED:
         return header, views.summary_md(row)
-    if row["status"] in ("failed", "canceled", "interrupted"):
+    if row["status"] in (RunStatus.FAILED, RunStatus.CANCELED, RunStatus.INTERRUPTED):
         return header, f"**{row['status'].capitalize()}:** {row['error'] or row['message']}"
     return header, ""
 
@@ -432,7 +433,7 @@ def _log_text(home: Path, row: dict[str, Any], events: list[dict[str, Any]]) -> 
     if row["traceback"]:
         lines += ["", "--- worker output (tail) ---", row["traceback"]]
     log_file = store.run_dir(home, row["id"]) / "log.txt"
-    if row["status"] == "running" and log_file.exists():
+    if row["status"] == RunStatus.RUNNING and log_file.exists():
         with log_file.open("rb") as f:
             f.seek(max(0, log_file.stat().st_size - 4000))
             tail = f.read().decode("utf-8", "replace").splitlines()[-15:]

@@ -7,6 +7,8 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
+from studio.store import RunStatus
+
 
 def elapsed_s(row: dict[str, Any]) -> float | None:
     if not row.get("started_at"):
@@ -34,7 +36,7 @@ def duration(seconds: float | None) -> str:
 def eta_s(row: dict[str, Any]) -> float | None:
     """Remaining time from the elapsed time and the progress fraction (linear)."""
     progress, elapsed = row.get("progress") or 0.0, elapsed_s(row)
-    if row["status"] != "running" or elapsed is None or not 0.02 <= progress < 1:
+    if row["status"] != RunStatus.RUNNING or elapsed is None or not 0.02 <= progress < 1:
         return None
     return elapsed / progress * (1 - progress)
 
@@ -43,9 +45,9 @@ def progress_html(row: dict[str, Any] | None) -> str:
     """A progress bar with percentage, message, elapsed time and ETA."""
     if row is None:
         return ""
-    pct = 100.0 if row["status"] == "succeeded" else 100 * (row.get("progress") or 0.0)
+    pct = 100.0 if row["status"] == RunStatus.SUCCEEDED else 100 * (row.get("progress") or 0.0)
     color = {"failed": "#d9534f", "canceled": "#999", "interrupted": "#f0ad4e"}.get(
-        row["status"], "#3b82f6" if row["status"] != "succeeded" else "#22a06b"
+        row["status"], "#3b82f6" if row["status"] != RunStatus.SUCCEEDED else "#22a06b"
     )
     eta = eta_s(row)
     parts = [f"<b>{row['status']}</b>", f"{pct:.0f}%", html.escape(row.get("message") or "")]

@@ -136,7 +136,7 @@ def test_all_sql_and_run_folder_paths_live_in_the_store():
     """Only studio/store.py queries the database or knows where a run's files are."""
     import re
 
-    sql = re.compile(r"db\[\"|\.execute\(|\.query\(|rows_where\(|/ \"runs\" /|/ \"out\"")
+    sql = re.compile(r"db\[\"|db\.execute\(|db\.query\(|rows_where\(|/ \"runs\" /|/ \"out\"")
     offenders = [
         f"{path.relative_to(ROOT)}:{n}"
         for path in ROOT.glob("studio/**/*.py")

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipelines import dataset, finetune, quantize  # noqa: E402
-from pipelines.lib.gate import format_report  # noqa: E402
+from pipelines.reports import for_step  # noqa: E402
 
 
 def main() -> None:
@@ -80,7 +80,7 @@ def main() -> None:
             started = time.monotonic()
             summary = quantize.run(config, tmp / f"q-{fmt}", lambda event: None).summary
             gates[fmt] = summary["gate"]
-            print(format_report(summary), flush=True)
+            print(for_step("quantize", summary).text(), flush=True)
             print(f"{fmt}: {time.monotonic() - started:.0f} s", flush=True)
     lora, qlora = results["lora"], results["qlora"]
     print(f"BENCH gpu_lora_bf16_tokens_per_s {lora['tokens_per_s']:.0f} >= 1000")

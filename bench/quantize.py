@@ -21,8 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipelines import quantize  # noqa: E402
 from pipelines.base import print_event  # noqa: E402
-from pipelines.lib.gate import format_report  # noqa: E402
 from pipelines.lib.models import bundled_model_dir  # noqa: E402
+from pipelines.reports import for_step  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
         started = time.perf_counter()
         summary = quantize.run(config, Path(workdir), print_event).summary
         print(f"whole step: {time.perf_counter() - started:.0f} s")
-    print(format_report(summary))
+    print(for_step("quantize", summary).text())
     gate = summary["gate"]
     source_model, quantized = gate["models"]["source"], gate["models"]["quantized"]
     print(

@@ -22,11 +22,11 @@ from pipelines.base import (
     Reporter,
     StepError,
     StepResult,
-    fmt,
     main,
     option,
 )
 from pipelines.lib.hardware import hardware
+from pipelines.reports import for_step
 
 PROMPTS = Path(__file__).parent / "samples" / "bench_prompts.jsonl"
 API_KEY_ENV = "STUDIO_RUNTIME_API_KEY"  # the runtime's key; the studio passes it to the run
@@ -138,7 +138,7 @@ def run(config: BenchmarkConfig, workdir: Path, report: Reporter) -> StepResult:
         hardware=hardware(),
     )
     (workdir / "report.json").write_text(json.dumps(summary, indent=2))
-    report(Log(format_report(summary)))
+    report(Log(for_step("benchmark", summary).text()))
     return StepResult(
         artifacts=[("report", "report.json", {"name": f"benchmark of {model}"})], summary=summary
     )
@@ -165,20 +165,6 @@ def summarize(samples: list[dict[str, float | None]], wall_s: float) -> dict[str
 def p95(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-
-
-def format_report(summary: dict[str, Any]) -> str:
-    s = summary
-    return (
-        f"{s['requests']} requests to '{s['model']}' ({s['hardware']}): "
-        f"latency avg {fmt(s['latency_avg_s'], '{:.2f}', ' s')}, "
-        f"p95 {fmt(s['latency_p95_s'], '{:.2f}', ' s')}; "
-        f"first token avg {fmt(s['ttft_avg_s'], '{:.3f}', ' s')}, "
-        f"p95 {fmt(s['ttft_p95_s'], '{:.3f}', ' s')}; "
-        f"decode {fmt(s['decode_tokens_per_s'], '{:.1f}', ' tokens/s')}, "
-        f"overall {fmt(s['tokens_per_s'], '{:.1f}', ' tokens/s')}; "
-        f"server peak memory {fmt(s['peak_memory_mb'], '{:.0f}', ' MB')}"
-    )
 
 
 def _request(client: Any, base: str, model: str, messages: list, max_tokens: int) -> dict:

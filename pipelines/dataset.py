@@ -21,6 +21,7 @@ from pipelines.base import Log, Progress, Reporter, StepError, StepResult, main,
 from pipelines.lib.dataset_folder import SPLITS, content_hash
 from pipelines.lib.readers import Malformed, check_file, read_file, read_hub
 from pipelines.lib.shapes import ROLES, SHAPES, Drop, normalize_row, resolve_mapping
+from pipelines.reports import for_step
 
 DROP_REASONS = (
     "malformed",
@@ -158,7 +159,7 @@ def run(config: DatasetConfig, workdir: Path, report: Reporter) -> StepResult:
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report(Log(format_report(stats)))
+    report(Log(for_step("dataset", stats).text()))
     report(Progress(1000, 1000, f"imported {stats['rows_kept']} rows"))
     meta = {
         "name": config.name,
@@ -215,30 +216,6 @@ def preview(
     }
 
 
-def format_report(stats: dict[str, Any]) -> str:
-    """The validation report as plain text (CLI, log)."""
-    lines = [
-        f"rows read: {stats['rows_read']}, kept: {stats['rows_kept']}, "
-        f"dropped: {sum(stats['dropped'].values())}  (shape: {stats['shape']})"
-    ]
-    if stats.get("stopped_at_max_rows"):
-        lines.append(f"stopped after {stats['stopped_at_max_rows']} rows (Max rows); more follow")
-    for reason, n in stats["dropped"].items():
-        examples = "; ".join(f"{e['where']}: {e['detail']}" for e in stats["drop_examples"][reason])
-        lines.append(f"  dropped {n} {reason.replace('_', ' ')}: {examples}")
-    t = stats.get("tokens")
-    if t:
-        lines.append(
-            f"tokens per row: min {t['min']}, mean {t['mean']}, p50 {t['p50']}, "
-            f"p95 {t['p95']}, max {t['max']} (total {t['total']})"
-        )
-    if stats.get("labels"):
-        lines.append("labels: " + ", ".join(f"{k} {v}" for k, v in stats["labels"].items()))
-    if stats.get("splits"):
-        lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in stats["splits"].items()))
-    return "\n".join(lines)
-
-
 def dataset_card(config: DatasetConfig, stats: dict[str, Any]) -> str:
     """A Hub-style dataset card (README.md) with the splits as data files and the statistics."""
     data_files = "\n".join(
@@ -252,7 +229,7 @@ def dataset_card(config: DatasetConfig, stats: dict[str, Any]) -> str:
         f"mapping: {json.dumps(stats['mapping'])}).\n\nEach row has a chat `messages` list "
         "and keeps its original columns.\n\n"
         f"Content hash (sha256 of the split files): `{stats['content_hash']}`\n\n"
-        f"```\n{format_report(stats)}\n```\n"
+        f"```\n{for_step('dataset', stats).text()}\n```\n"
     )
 
 
@@ -375,7 +352,7 @@ def _normalize_all(
             "no usable rows: all "
             + str(read)
             + " rows were dropped.\n"
-            + format_report({**stats, "splits": {}})
+            + for_step("dataset", {**stats, "splits": {}}).text()
         )
     return stats, labels
 

@@ -28,6 +28,7 @@ from pipelines.lib.dataset_folder import dataset_labels, held_out
 from pipelines.lib.generation import TeacherFields, memory_sampler, open_model
 from pipelines.lib.sampling import Reply
 from pipelines.lib.tasks import Task, TaskFields
+from pipelines.reports import for_step
 
 ROLES = ("teacher", "student", "student_base")
 SAMPLES = 8  # rows shown side by side in the report
@@ -110,7 +111,7 @@ def run(config: EvaluateConfig, workdir: Path, report: Reporter) -> StepResult:
     report(Metrics(step=0, values=_flat(summary)))
     (workdir / "report.json").parent.mkdir(parents=True, exist_ok=True)
     (workdir / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    report(Log(format_report(summary)))
+    report(Log(for_step("evaluate", summary).text()))
     return StepResult(
         artifacts=[("report", "report.json", {"name": f"{task.name} report", **summary["ratios"]})],
         summary=summary,
@@ -186,7 +187,13 @@ def _measure(
         "size_mb": None if size is None else round(size / 2**20, 1),
         "failed_requests": len(failed),
     }
-    report(Log(f"{role}: {_describe(result, task.metric)}"))
+    report(
+        Log(
+            f"{role}: {task.metric} {fmt(result.get('metric'))}, latency p50 "
+            f"{fmt(result.get('latency_p50_s'), unit=' s')}, {fmt(result.get('tokens_per_s'))} "
+            f"tokens/s, peak memory {fmt(result.get('peak_memory_mb'), '{:.0f}', ' MB')}"
+        )
+    )
     return result, texts
 
 
@@ -213,33 +220,6 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         if base is None or student.get("metric") is None
         else round(student["metric"] - base, 4),
     }
-
-
-def format_report(summary: dict[str, Any]) -> str:
-    r = summary["ratios"]
-
-    def pct(key: str) -> str:
-        return "n/a" if r[key] is None else f"{r[key]:.0f}%"
-
-    lines = [
-        f"{summary['task']} on {summary['rows']} {summary['split']} rows ({summary['metric']}): "
-        f"the student keeps {pct('quality_kept_pct')} of the teacher's quality, takes "
-        f"{pct('time_saved_pct')} less time per answer and {pct('memory_saved_pct')} less memory."
-    ]
-    task_metric = summary["metric"]
-    for role, result in summary["models"].items():
-        lines.append(f"  {role}: {_describe(result, task_metric)}")
-    return "\n".join(lines)
-
-
-def _describe(r: dict[str, Any], metric: str) -> str:
-    return (
-        f"{metric} {fmt(r.get('metric'))}, agreement {fmt(r.get('agreement'))}, perplexity "
-        f"{fmt(r.get('perplexity'))}, latency p50 {fmt(r.get('latency_p50_s'), unit=' s')} / "
-        f"p95 {fmt(r.get('latency_p95_s'), unit=' s')}, {fmt(r.get('tokens_per_s'))} tokens/s, "
-        f"peak memory {fmt(r.get('peak_memory_mb'), '{:.0f}', ' MB')}, "
-        f"{fmt(r.get('size_mb'), '{:.0f}', ' MB')} on disk"
-    )
 
 
 def _flat(summary: dict[str, Any]) -> dict[str, float]:

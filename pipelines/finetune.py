@@ -37,6 +37,7 @@ from pipelines.lib.memory import (
 from pipelines.lib.merge import merge_adapter, save_atomically
 from pipelines.lib.templates import chat_labels
 from pipelines.lib.training import PaddingCounter, kl_to_teacher, train_dtype, trainer_class
+from pipelines.reports import for_step
 
 METHODS = ("lora", "qlora", "full")
 
@@ -350,7 +351,7 @@ def run(config: FinetuneConfig, workdir: Path, report: Reporter) -> StepResult:
             )
         )
     shutil.rmtree(workdir / CHECKPOINT_DIR, ignore_errors=True)  # done: resume no longer needed
-    report(Log(format_summary(summary)))
+    report(Log(for_step("finetune", summary).text()))
     return StepResult(artifacts=artifacts, summary=summary)
 
 
@@ -677,20 +678,6 @@ def _summary(
         "peak_memory_mb": round(process_memory_mb()),
         **data_stats,
     }
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    def num(key, fmt="{:.4g}"):
-        value = summary.get(key)
-        return "n/a" if value is None else fmt.format(value)
-
-    return (
-        f"{summary['method']} on {summary['base_model']}: {summary['steps']} steps, "
-        f"train loss {num('train_loss_first')} -> {num('train_loss')}, validation loss "
-        f"{num('eval_loss_before')} -> {num('eval_loss')}, {num('tokens_per_s')} tokens/s, "
-        f"padding {num('padding_share', '{:.0%}')} of computed tokens, "
-        f"{summary['trainable_parameters']:,} of {summary['parameters']:,} parameters trained"
-    )
 
 
 if __name__ == "__main__":

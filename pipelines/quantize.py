@@ -32,6 +32,7 @@ from pipelines.base import (
 )
 from pipelines.lib.gate import CHECK_MEMORY, CHECK_PARITY, CHECK_QUALITY, CHECK_SPEED
 from pipelines.lib.tasks import TaskFields
+from pipelines.reports import for_step
 
 Precision = Literal["int4", "int8", "fp16", "bf16", "fp32"]
 Provider = Literal["cpu", "cuda", "dml", "webgpu"]
@@ -201,7 +202,7 @@ def run(config: QuantizeConfig, workdir: Path, report: Reporter) -> StepResult:
         **meta,
     }
     if config.gate:
-        from pipelines.lib.gate import flat, format_report, quality_gate
+        from pipelines.lib.gate import flat, quality_gate
 
         result = quality_gate(config, source, out, report, meta.get("adapter_file"))
         from pipelines.lib.hardware import hardware
@@ -211,7 +212,7 @@ def run(config: QuantizeConfig, workdir: Path, report: Reporter) -> StepResult:
         summary["gate"] = result
         report(Metrics(step=0, values=flat(result)))
         (workdir / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-        report(Log(format_report(summary)))
+        report(Log(for_step("quantize", summary).text()))
     shutil.rmtree(work, ignore_errors=True)  # merged copies and the builder cache
     gate = summary.get("gate", {})
     name = f"{_display_name(config.model)} {config.recipe()}"

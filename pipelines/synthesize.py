@@ -33,6 +33,7 @@ from pipelines.lib.dataset_folder import SPLITS, content_hash, dataset_labels
 from pipelines.lib.generation import TeacherFields, check_connection
 from pipelines.lib.sampling import Reply
 from pipelines.lib.tasks import Task, TaskFields, label_bias
+from pipelines.reports import for_step
 
 EXAMPLES = 3  # examples kept per kind of rejection
 
@@ -139,7 +140,7 @@ def run(config: SynthesizeConfig, workdir: Path, report: Reporter) -> StepResult
     if ratio < config.min_success_ratio:
         raise StepError(_failure_message(stats, config.min_success_ratio))
     final = _write(folder, workdir, out_rows, stats, config, task)
-    report(Log(format_report(stats)))
+    report(Log(for_step("synthesize", stats).text()))
     meta = {
         "name": f"{_dataset_name(folder)} + {Path(config.teacher).name or config.teacher} answers",
         "rows": sum(stats["splits"].values()),
@@ -428,43 +429,9 @@ def _card(source: Path, stats: dict[str, Any], config: SynthesizeConfig) -> str:
         f"{config.top_p:g}, max {config.max_new_tokens} new tokens, seed {config.seed}); only "
         "answers that pass the task's check are kept. The test split keeps its own answers.\n\n"
         f"System prompt: `{stats['system_prompt']}`\n\n"
-        f"Content hash: `{stats['content_hash']}`\n\n```\n{format_report(stats)}\n```\n"
+        f"Content hash: `{stats['content_hash']}`\n\n"
+        f"```\n{for_step('synthesize', stats).text()}\n```\n"
     )
-
-
-def format_report(stats: dict[str, Any]) -> str:
-    """The synthesis report as plain text (log, card, CLI)."""
-    lines = [
-        f"teacher {stats['teacher']}: {stats['valid']} of {stats['rows']} rows valid "
-        f"({stats['success_ratio']:.0%})",
-    ]
-    for kind in ("failed", "rejected"):
-        for why, n in stats[kind].items():
-            shown = why if kind == "rejected" else "request failed"
-            example = (stats["examples"].get(shown) or [{}])[0]
-            lines.append(
-                f"  {kind} {n}: {why}"
-                + (f" (e.g. {example.get('reply', '')[:80]!r})" if example else "")
-            )
-    if stats.get("answer_labels"):
-        lines.append(
-            "teacher labels: "
-            + ", ".join(f"{k} {v}" for k, v in stats["answer_labels"].items())
-            + f" (bias vs uniform {stats['answer_bias']})"
-        )
-    if stats.get("teacher_accuracy_on_references") is not None:
-        lines.append(
-            f"teacher agrees with the dataset's answers on "
-            f"{stats['teacher_accuracy_on_references']:.0%} of valid rows"
-        )
-    lines.append(
-        f"tokens: {stats['prompt_tokens']} in, {stats['completion_tokens']} out"
-        + (f", cost {stats['cost']}" if stats.get("cost") else "")
-        + f", {stats['teacher_seconds']} s"
-    )
-    if stats.get("splits"):
-        lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in stats["splits"].items()))
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pipelines import STEPS
 from pipelines.base import config_from_dict
-from pipelines.dataset import DatasetConfig, format_report
+from pipelines.dataset import DatasetConfig
+from pipelines.reports import for_step
 from studio import store
 from studio.jobs import JobRunner, config_of
 from studio.settings import Settings
@@ -225,7 +226,7 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
     print("config:", json.dumps(json.loads(row["config_json"]), indent=2))
     if row["summary_json"]:
         summary = json.loads(row["summary_json"])
-        print(format_report(summary) if row["step"] == "dataset" else json.dumps(summary, indent=2))
+        print(for_step(row["step"], summary).text())
     for a in outputs:
         print(f"artifact: {a['kind']} {a['name']} {settings.home / a['path']} ({a['bytes']} bytes)")
     for i in links["inputs"]:
@@ -373,7 +374,6 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(settings: Settings, args: argparse.Namespace) -> int:
-    from pipelines.lib.gate import format_report
     from pipelines.quantize import QuantizeConfig
 
     try:
@@ -398,7 +398,7 @@ def cmd_quantize(settings: Settings, args: argparse.Namespace) -> int:
         with store.connect(settings.home) as db:
             summary = json.loads(store.get_run(db, run_id)["summary_json"] or "{}")
         if "gate" in summary:
-            print(format_report(summary))
+            print(for_step("quantize", summary).text())
         if args.output:
             _copy_outputs(settings, run_id, Path(args.output), kinds=("onnx", "model"))
     return code
@@ -481,7 +481,6 @@ def cmd_bench_endpoint(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_distill(settings: Settings, args: argparse.Namespace) -> int:
     """Queue the distill chain; follow it to the report unless --detach."""
-    from pipelines.evaluate import format_report as evaluation_report
     from studio import distill
 
     try:
@@ -512,7 +511,7 @@ def cmd_distill(settings: Settings, args: argparse.Namespace) -> int:
             runner.stop()
     with store.connect(settings.home) as db:
         summary = json.loads(store.get_run(db, runs["evaluate"])["summary_json"])
-    print(evaluation_report(summary))
+    print(for_step("evaluate", summary).text())
     return 0
 
 

@@ -145,3 +145,9 @@ def test_all_sql_and_run_folder_paths_live_in_the_store():
         if sql.search(line)
     ]
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_every_step_has_a_presenter(step):
+    """pipelines/reports/<step>.py renders the step's summary (UI Markdown and CLI text)."""
+    assert (ROOT / "pipelines" / "reports" / f"{step}.py").exists()

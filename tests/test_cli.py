@@ -36,8 +36,8 @@ def test_dataset_import_prints_the_report_and_runs_shows_it(tmp_path, tiny_token
         "0.8,0.1,0.1",
     )
     assert result.returncode == 0, result.stderr
-    assert "rows read: 360, kept: 360" in result.stdout
-    assert "splits: train 288, validation 36, test 36" in result.stdout
+    assert "360 rows read · 360 kept" in result.stdout
+    assert "Splits: train 288, validation 36, test 36" in result.stdout
     listed = slmops(home, "runs")
     run_id = listed.stdout.splitlines()[1].split()[0]
     assert "succeeded" in listed.stdout

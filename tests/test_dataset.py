@@ -10,6 +10,7 @@ from pipelines import dataset
 from pipelines.base import Progress, StepError
 from pipelines.dataset import DatasetConfig
 from pipelines.lib import readers
+from pipelines.reports import for_step
 from studio import store
 
 CHAT = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
@@ -160,7 +161,7 @@ def test_every_drop_reason_is_counted_with_examples(tmp_path, tiny_tokenizer_dir
     }
     assert stats["drop_examples"]["malformed"][0]["where"] == "d.jsonl line 7"
     assert "wizard" in stats["drop_examples"]["invalid_role"][0]["detail"]
-    assert "too long" in dataset.format_report(stats)
+    assert "too long" in for_step("dataset", stats).text()
 
 
 def test_split_is_seeded_and_stratified(tmp_path, tiny_tokenizer_dir, events):
@@ -258,7 +259,7 @@ def test_all_rows_dropped_fails_with_the_report(home, runner, tiny_tokenizer_dir
     run_id = runner.submit("dataset", _config([path], tiny_tokenizer_dir))
     with store.connect(home) as db:
         error = store.get_run(db, run_id)["error"]
-    assert "no usable rows" in error and "dropped 2 empty" in error
+    assert "no usable rows" in error and "empty    2" in error
 
 
 def test_hub_dataset_fails_at_once_offline(home, runner):

@@ -18,6 +18,7 @@ from pipelines.base import Log, StepError
 from pipelines.lib import generation, memory, models
 from pipelines.lib.models import prune_layers
 from pipelines.lib.tasks import build_task, label_bias, rouge_l
+from pipelines.reports import for_step
 from tests.openai_server import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -345,4 +346,4 @@ def test_evaluate_report_has_every_figure(tiny_dataset, tmp_path, events):
     assert all(ratios[k] is not None for k in ratios)
     assert ratios["memory_saved_pct"] > 0 and ratios["size_saved_pct"] > 0
     assert (tmp_path / "out" / "report.json").exists() and len(summary["samples"]) == 5
-    assert "keeps" in evaluate.format_report(summary)
+    assert "keeps" in for_step("evaluate", summary).text()

@@ -13,12 +13,12 @@ from pipelines.lib.gate import (
     CHECK_PARITY,
     CHECK_QUALITY,
     CHECK_SPEED,
-    format_report,
     quality_gate,
 )
 from pipelines.lib.generation import LocalModel, Sampling, open_model
 from pipelines.lib.onnx_model import ADAPTER_FILE, OnnxModel, eos_ids
 from pipelines.quantize import QuantizeConfig
+from pipelines.reports import for_step
 
 CHAT = [{"role": "user", "content": "hello world"}]
 FIGURES = (
@@ -90,7 +90,7 @@ def test_gate_report_has_every_figure(int4):
     assert any(
         isinstance(e, Log) and "quality gate on 4 built-in prompts" in e.message for e in events
     )
-    assert "Quality kept" in format_report(result.summary)
+    assert "quality kept" in for_step("quantize", result.summary).text()
 
 
 def test_fp32_export_matches_the_source(bpe_lm, tmp_path, events):

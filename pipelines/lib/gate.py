@@ -364,40 +364,6 @@ def _gates(config: GateConfig, metric: str, results: dict[str, dict]) -> dict[st
     }
 
 
-def format_report(summary: dict[str, Any]) -> str:
-    gate = summary["gate"]
-
-    lines = [
-        f"{summary['recipe']}: {gate['verdict'].upper()} on {gate['prompts']} (measured on "
-        f"{gate['measured_on']}). Quality kept {fmt(gate['quality_kept_pct'], '{:.1f}', '%')} "
-        f"(by {gate['quality_by']}), {fmt(gate['speedup'], '{:.2f}', 'x')} decode speed, "
-        f"{fmt(gate['memory_saved_pct'], '{:.0f}', '%')} less memory, "
-        f"{fmt(gate['size_ratio'], '{:.2f}', 'x')} the size on disk.",
-    ]
-    for check in gate["checks"]:
-        mark = "pass" if check["passed"] else "FAIL"
-        lines.append(f"  [{mark}] {check['name']}: {fmt(check['value'])} >= {check['target']}")
-    for role, result in gate["models"].items():
-        lines.append(f"  {role}: {_describe(result)}")
-    agreement, parity = gate["agreement"], gate["parity"]
-    lines.append(
-        f"  greedy answers: {agreement['prefix_match']:.0%} shared token prefix, "
-        f"{agreement['identical']:.0%} identical; both stop the same way on "
-        f"{parity['stop_parity']:.0%} of the prompts"
-        + (
-            f"; chat template {'same' if parity['chat_template'] else 'DIFFERENT'}, "
-            f"end-of-sequence ids {parity['eos_quantized']} (source {parity['eos_source']})"
-            if "chat_template" in parity
-            else ""
-        )
-    )
-    if gate["note"]:
-        lines.append(f"  note: {gate['note']}")
-    if gate["suggestion"]:
-        lines.append(f"  next: {gate['suggestion']}")
-    return "\n".join(lines)
-
-
 def _describe(r: dict[str, Any]) -> str:
     return (
         f"perplexity {fmt(r['perplexity'])}, {fmt(r['decode_tokens_per_s'])} tokens/s, first "

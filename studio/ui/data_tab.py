@@ -14,6 +14,7 @@ from pipelines import dataset
 from pipelines.base import StepError
 from pipelines.dataset import SAMPLE_DATASET, SAMPLE_SYSTEM_PROMPT, DatasetConfig
 from pipelines.lib import dataset_folder, readers, shapes
+from pipelines.reports import for_step
 from studio import store
 from studio.jobs import JobRunner
 from studio.settings import Settings
@@ -324,7 +325,7 @@ def show_dataset(
     pages = max(1, -(-count // PAGE_SIZE))
     info = (
         f"`{folder}`\n\n"
-        + views.dataset_report_md(stats)
+        + for_step("dataset", stats).markdown()
         + f"\n\n**{split}**: page {page} of {pages}"
     )
     return info, [

@@ -18,13 +18,14 @@ from pipelines.lib import memory
 from pipelines.lib.generation import API_KEY_ENV, check_connection
 from pipelines.lib.models import model_arch
 from pipelines.lib.tasks import PRESETS
+from pipelines.reports import for_step
 from pipelines.synthesize import SynthesizeConfig
 from studio import distill, quota, store
 from studio.jobs import JobRunner
 from studio.quota import LimitReached
 from studio.settings import Limits
 from studio.store import RunStatus
-from studio.ui import forms, session, views
+from studio.ui import forms, session
 from studio.ui.finetune_tab import dataset_choices, model_choices
 
 PRUNED = "pruned"
@@ -500,4 +501,4 @@ def report_view(
             ],
         }
     )
-    return views.evaluation_md(summary), bars, pd.DataFrame(summary.get("samples", []))
+    return for_step("evaluate", summary).markdown(), bars, pd.DataFrame(summary.get("samples", []))

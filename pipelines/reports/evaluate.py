@@ -1,0 +1,44 @@
+"""The evaluate step's report: the student's share of the teacher's quality, time and memory saved,
+then each model side by side."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipelines.reports import Report, fmt, pct
+
+COLUMNS = [
+    ("metric", "quality", "{:.3g}"),
+    ("agreement", "agrees with teacher", "{:.3g}"),
+    ("perplexity", "perplexity", "{:.4g}"),
+    ("latency_p50_s", "latency p50 (s)", "{:.3g}"),
+    ("latency_p95_s", "latency p95 (s)", "{:.3g}"),
+    ("tokens_per_s", "tokens/s", "{:.4g}"),
+    ("peak_memory_mb", "memory (MB)", "{:.0f}"),
+    ("parameters", "parameters", "{:,}"),
+    ("size_mb", "size (MB)", "{:.0f}"),
+]
+
+
+def report(summary: dict[str, Any]) -> Report:
+    ratios = summary["ratios"]
+    r = Report().line(
+        f"The student keeps **{pct(ratios.get('quality_kept_pct'))}** of the teacher's quality, "
+        f"takes **{pct(ratios.get('time_saved_pct'))}** less time per answer and "
+        f"**{pct(ratios.get('memory_saved_pct'))}** less memory ({summary['task']}, "
+        f"{summary['metric']} on {summary['rows']} {summary['split']} rows; teacher "
+        f"{summary['teacher']})."
+    )
+    r.table(
+        ["model", *(label for _, label, _ in COLUMNS)],
+        [
+            [role.replace("_", " "), *(fmt(result.get(k), spec) for k, _, spec in COLUMNS)]
+            for role, result in summary["models"].items()
+        ],
+    )
+    if ratios.get("gain_over_base") is not None:
+        r.line(
+            f"Training changed the student's {summary['metric']} by "
+            f"**{ratios['gain_over_base']:+.3f}** over its untrained base."
+        )
+    return r

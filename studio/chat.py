@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from studio.jobs import PROJECT_ROOT
-from studio.settings import child_environ
+from studio import procs
 
 
 class ChatError(Exception):
@@ -72,21 +69,11 @@ class ChatClient:
 
     def _process(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
-            env = child_environ(
+            self._proc = procs.start(
+                ["pipelines.lib.chat"],
+                log_path=self.home / "chat.log",
+                detached=False,  # it lives and dies with the web process
+                pipes=True,
                 STUDIO_HOME=str(self.home.resolve()),
-                PYTHONPATH=os.pathsep.join(
-                    filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
-                ),
-            )
-            log = open(self.home / "chat.log", "ab")  # noqa: SIM115 - the child keeps it
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "pipelines.lib.chat"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                bufsize=1,
-                env=env,
-                cwd=PROJECT_ROOT,
             )
         return self._proc

@@ -4,25 +4,20 @@ and the lineage a publish run carries into its model card."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from pipelines.lib.onnx_model import is_onnx_folder
-from studio import quota, store
-from studio.jobs import PROJECT_ROOT
-from studio.settings import Limits, child_environ
+from studio import procs, quota, store
+from studio.settings import Limits
 
 API_KEY_ENV = "STUDIO_RUNTIME_API_KEY"  # as studio.runtime reads it (not imported: no onnx here)
 
@@ -68,19 +63,9 @@ def start_server(
     logs = Path(home) / "servers"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{port}.log"
-    command = [sys.executable, "-m", "studio.cli", "serve", "--host", host, "--port", str(port)]
+    command = ["studio.cli", "serve", "--host", host, "--port", str(port)]
     command += [f"{name}={path}" for name, path in models.items()]
-    env = child_environ(**{API_KEY_ENV: api_key})
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=PROJECT_ROOT,
-            start_new_session=True,  # it keeps serving when the studio restarts
-        )
+    proc = procs.start(command, log_path=log_path, **{API_KEY_ENV: api_key})
     _children[proc.pid] = proc
     with store.connect(home) as db:
         server_id = store.add_server(
@@ -96,7 +81,7 @@ def refresh(home: Path, owner: str | None = None) -> list[dict[str, Any]]:
         for row in store.servers(db, live_only=True):
             if not _alive(row["pid"]):
                 if row["status"] == "starting":
-                    tail = _tail(Path(row["log_path"]))
+                    tail = procs.log_tail(Path(row["log_path"]), lines=8)
                     store.set_server(db, row["id"], "failed", error=tail or "it exited at start")
                 else:
                     store.set_server(db, row["id"], "stopped", error="its process is gone")
@@ -112,8 +97,7 @@ def stop_server(home: Path, server_id: int, owner: str | None = None) -> bool:
         if row["status"] not in store.SERVER_LIVE or owner not in (None, row["owner"]):
             return False
         if _alive(row["pid"]):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(row["pid"], signal.SIGTERM)
+            procs.signal_group(row["pid"], signal.SIGTERM)
         return store.set_server(db, server_id, "stopped")
 
 
@@ -250,16 +234,11 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    child = _children.get(pid)
+    """A runtime this process started is reaped here (else it stays a zombie); others by pid."""
+    child = _children.get(pid or 0)
     if child is not None:
         return child.poll() is None
-    try:
-        process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and "serve" in process.cmdline()
-    except psutil.Error:
-        return False
+    return procs.alive(pid, "serve")
 
 
 def _healthy(row: dict[str, Any]) -> bool:
@@ -267,10 +246,3 @@ def _healthy(row: dict[str, Any]) -> bool:
         return httpx.get(f"http://{row['host']}:{row['port']}/health", timeout=0.5).is_success
     except httpx.HTTPError:
         return False
-
-
-def _tail(path: Path, lines: int = 8) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""

@@ -5,7 +5,6 @@ One runner per STUDIO_HOME executes runs (it holds runner.lock); other processes
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -13,22 +12,18 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from pipelines import STEPS
 from pipelines.base import CHECKPOINT_DIR, config_from_dict, config_to_dict
-from studio import quota, store, worker
-from studio.settings import DEFAULT_QUEUES, Limits, child_environ
+from studio import procs, quota, store, worker
+from studio.settings import DEFAULT_QUEUES, Limits
 from studio.store import RunStatus
 
 log = logging.getLogger(__name__)
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 KILL_AFTER_TERM_S = 5.0
 
 
@@ -273,25 +268,13 @@ class JobRunner:
             return False  # canceled meanwhile
         run_dir = store.run_dir(self.home, run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
-        env = child_environ(
-            STUDIO_HOME=str(self.home),
-            PYTHONUNBUFFERED="1",
-            PYTHONPATH=os.pathsep.join(
-                filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
-            ),
-            **self._secrets.pop(run_id, {}),
-        )
         try:
-            with open(run_dir / "log.txt", "ab") as log_file:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "studio.worker", run_id, "--home", str(self.home)],
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,  # outlives a restart of the web process
-                    env=env,
-                    cwd=PROJECT_ROOT,
-                )
+            proc = procs.start(
+                ["studio.worker", run_id, "--home", str(self.home)],
+                log_path=run_dir / "log.txt",
+                STUDIO_HOME=str(self.home),
+                **self._secrets.pop(run_id, {}),
+            )
         except OSError as e:
             store.set_status(db, run_id, RunStatus.FAILED, error=f"could not start the worker: {e}")
             return False
@@ -317,7 +300,7 @@ class JobRunner:
                     store.set_status(db, run_id, RunStatus.CANCELED, message="stopped by the user")
                     store.add_event(db, run_id, "status", "stopped by the user")
                 else:
-                    tail = _log_tail(store.run_dir(self.home, run_id) / "log.txt")
+                    tail = procs.log_tail(store.run_dir(self.home, run_id) / "log.txt")
                     store.set_status(
                         db,
                         run_id,
@@ -340,7 +323,7 @@ class JobRunner:
                 continue
             asked = _parse_time(row["cancel_requested_at"])
             if row["id"] not in self._terminated and now - asked > self.grace_s:
-                _signal_group(pid, signal.SIGTERM)
+                procs.signal_group(pid, signal.SIGTERM)
                 self._terminated[row["id"]] = now
                 store.add_event(
                     db, row["id"], "status", "did not stop in time; terminating", level="warning"
@@ -349,7 +332,7 @@ class JobRunner:
                 row["id"] in self._terminated
                 and now - self._terminated[row["id"]] > KILL_AFTER_TERM_S
             ):
-                _signal_group(pid, signal.SIGKILL)
+                procs.signal_group(pid, signal.SIGKILL)
 
     def _run_inline(self, db, run_id: str) -> None:
         """Immediate mode for tests: run in this process, so the caller sees the final row."""
@@ -388,31 +371,10 @@ def resumable(home: Path, row: dict[str, Any]) -> bool:
 
 def worker_alive(pid: int, run_id: str) -> bool:
     """Is `pid` still the worker of `run_id` (not a finished one, nor a reused pid)?"""
-    try:
-        proc = psutil.Process(pid)
-        return (
-            proc.status() != psutil.STATUS_ZOMBIE
-            and "studio.worker" in proc.cmdline()
-            and run_id in proc.cmdline()
-        )
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, sig)  # the worker leads its own session, so its group id is its pid
+    return procs.alive(pid, "studio.worker", run_id)
 
 
 def _parse_time(text: str | None) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(text).timestamp() if text else time.time()
-
-
-def _log_tail(path: Path, lines: int = 40) -> str:
-    if not path.exists():
-        return ""
-    with path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - 20000))
-        return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])

@@ -6,6 +6,7 @@ Run as: slmops --help
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -13,9 +14,13 @@ from pathlib import Path
 
 from pipelines import STEPS
 from pipelines.base import config_from_dict
+from pipelines.benchmark import BenchmarkConfig
 from pipelines.dataset import DatasetConfig
+from pipelines.finetune import FinetuneConfig
+from pipelines.quantize import QuantizeConfig
 from pipelines.reports import for_step
 from studio import store
+from studio.flags import add_config_flags, config_values
 from studio.jobs import JobRunner, config_of
 from studio.settings import Settings
 from studio.store import RunStatus
@@ -70,62 +75,51 @@ def _parser() -> argparse.ArgumentParser:
     )
     p = data.add_parser("import", help="import files (or a Hub dataset) and print the report")
     p.add_argument("files", nargs="*", help="CSV, TSV, JSON, JSONL, Parquet or TXT files")
-    p.add_argument("--name", required=True)
-    p.add_argument(
-        "--mapping", default="", help="role=column pairs, e.g. prompt=Question,response=Answer"
+    p.add_argument("--split", help="train,validation,test shares, e.g. 0.8,0.1,0.1")
+    add_config_flags(
+        p,
+        DatasetConfig,
+        skip=("files", "train_ratio", "validation_ratio", "test_ratio"),
+        aliases={"hub_dataset": ("--hub",)},
     )
-    p.add_argument("--shape", default="auto")
-    p.add_argument("--system-prompt", default="")
-    p.add_argument("--split", default="0.9,0.1,0", help="train,validation,test shares")
-    p.add_argument("--tokenizer-model", default="bundled")
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--hub", default="", help="a Hub dataset id instead of files")
-    p.add_argument("--hub-config", default="")
-    p.add_argument("--hub-split", default="train")
     p.set_defaults(func=cmd_dataset_import)
     p = sub.add_parser("finetune", help="finetune a model (flags as in `olive finetune`)")
     p.add_argument("--config", help="JSON file with a finetune config; flags override it")
-    p.add_argument("--dataset", help="a dataset folder imported before (…/out/dataset)")
     p.add_argument("--data_files", nargs="+", help="files to import first, then train on")
-    p.add_argument("--model_name_or_path", help="base model: bundled, a folder or a Hub id")
-    p.add_argument("--method", choices=["lora", "qlora", "full"])
-    p.add_argument("--lora_r", type=int)
-    p.add_argument("--lora_alpha", type=int)
-    p.add_argument("--target_modules", help="all-linear, or names like q_proj,v_proj")
-    p.add_argument("--text_template", help="text with {column} placeholders instead of chat")
-    p.add_argument("--use_chat_template", choices=["true", "false"])
-    p.add_argument("--max_seq_len", type=int)
-    p.add_argument("--max_samples", type=int)
-    p.add_argument("--max_steps", type=int)
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--learning_rate", type=float)
-    p.add_argument("--batch_size", type=int)
     p.add_argument("--system-prompt", default="", help="with --data_files: the system prompt")
     p.add_argument("--output_path", help="copy the adapter and merged model here when done")
-    p.add_argument("--name", default="")
+    p.add_argument("--name", default="", help="the run's name")
     p.add_argument("--detach", action="store_true", help="queue and return at once")
+    add_config_flags(
+        p,
+        FinetuneConfig,
+        aliases={"base_model": ("--model_name_or_path",), "dataset_dir": ("--dataset",)},
+    )
     p.set_defaults(func=cmd_finetune)
     p = sub.add_parser(
         "quantize", help="to ONNX Runtime GenAI with a quality gate (flags as in the model builder)"
     )
     p.add_argument("--config", help="JSON file with a quantize config; flags override it")
-    p.add_argument("-m", "-i", "--model", "--input", dest="model", help="model: bundled, a folder")
-    p.add_argument("-p", "--precision", choices=["int4", "int8", "fp16", "bf16", "fp32"])
-    p.add_argument("-e", "--execution_provider", choices=["cpu", "cuda", "dml", "webgpu"])
     p.add_argument(
         "--extra_options",
         nargs="+",
         metavar="KEY=VALUE",
         help="model builder options, e.g. block_size=32 accuracy_level=4 algo_config=k_quant_last",
     )
-    p.add_argument("--format", choices=["onnx", "bitsandbytes"])
-    p.add_argument("--dataset", help="a dataset folder whose test rows are the gate's prompts")
-    p.add_argument("--task", help="the dataset's task (sets the gate's metric)")
-    p.add_argument("--no-gate", action="store_true", help="convert only, no quality gate")
     p.add_argument("-o", "--output", help="copy the quantized folder here when done")
-    p.add_argument("--name", default="")
+    p.add_argument("--name", default="", help="the run's name")
     p.add_argument("--detach", action="store_true", help="queue and return at once")
+    add_config_flags(
+        p,
+        QuantizeConfig,
+        skip=("extra_options",),
+        aliases={
+            "model": ("-m", "-i", "--input"),
+            "precision": ("-p",),
+            "execution_provider": ("-e",),
+            "dataset_dir": ("--dataset",),
+        },
+    )
     p.set_defaults(func=cmd_quantize)
     p = sub.add_parser("serve", help="serve ONNX models with an OpenAI-compatible API")
     p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="ONNX folders (or NAME=DIR)")
@@ -148,14 +142,9 @@ def _parser() -> argparse.ArgumentParser:
         "bench-endpoint", help="benchmark an OpenAI-compatible endpoint (latency, TTFT, tokens/s)"
     )
     p.add_argument("url", help="base URL, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--model", default="", help="served model name (default: the first listed)")
-    p.add_argument("--rounds", type=int, default=3, help="times the prompt set is sent")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--prompts", default="", help="JSONL of {'messages': [...]} (default: built-in)")
-    p.add_argument("--model-dir", default="", help="the served folder, to record in its lineage")
-    p.add_argument("--name", default="")
+    p.add_argument("--name", default="", help="the run's name")
     p.add_argument("--detach", action="store_true", help="queue and return at once")
+    add_config_flags(p, BenchmarkConfig, skip=("url",), aliases={"prompts_file": ("--prompts",)})
     p.set_defaults(func=cmd_bench_endpoint)
     p = sub.add_parser(
         "distill", help="teacher answers -> student training -> student-vs-teacher report"
@@ -237,7 +226,7 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
-    runner = JobRunner(settings.home, queues=settings.queues, grace_s=settings.cancel_grace_s)
+    runner = _runner(settings)
     with store.connect(settings.home) as db:
         row = store.get_run(db, args.run_id)
     if row is None:
@@ -266,72 +255,29 @@ def cmd_control(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_dataset_import(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        shares = [float(x) for x in args.split.split(",")]
-        if len(shares) != 3:
-            raise ValueError(f"--split needs three shares like 0.9,0.1,0, got {args.split!r}")
-        mapping = dict(pair.split("=", 1) for pair in args.mapping.split(",") if pair.strip())
+        values = {"max_file_mb": settings.max_upload_mb, **config_values(args)}
+        if args.split:
+            shares = [float(x) for x in args.split.split(",")]
+            if len(shares) != 3:
+                raise ValueError(f"--split needs three shares like 0.8,0.1,0.1, got {args.split!r}")
+            values.update(zip(("train_ratio", "validation_ratio", "test_ratio"), shares))
         for path in args.files:
             if not Path(path).is_file():
                 raise ValueError(f"{path}: file not found")
-        config = DatasetConfig(
-            name=args.name,
-            files=[str(Path(f).resolve()) for f in args.files],
-            hub_dataset=args.hub,
-            hub_config=args.hub_config,
-            hub_split=args.hub_split,
-            shape=args.shape,
-            mapping=mapping,
-            system_prompt=args.system_prompt,
-            tokenizer_model=args.tokenizer_model,
-            max_tokens=args.max_tokens,
-            seed=args.seed,
-            train_ratio=shares[0],
-            validation_ratio=shares[1],
-            test_ratio=shares[2],
-            max_file_mb=settings.max_upload_mb,
-        )
-    except ValueError as e:
+        values["files"] = [str(Path(f).resolve()) for f in args.files]
+        config = DatasetConfig(**values)
+    except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     store.init(settings.home)
-    import dataclasses
-
     config = dataclasses.replace(config, files=store.keep_uploads(settings.home, config.files))
-    return _submit(settings, "dataset", config, args.name, follow=True)[0]
-
-
-FINETUNE_FLAGS = {
-    "model_name_or_path": "base_model",
-    "method": "method",
-    "lora_r": "lora_r",
-    "lora_alpha": "lora_alpha",
-    "target_modules": "target_modules",
-    "text_template": "text_template",
-    "max_seq_len": "max_seq_len",
-    "max_samples": "max_samples",
-    "max_steps": "max_steps",
-    "epochs": "epochs",
-    "learning_rate": "learning_rate",
-    "batch_size": "batch_size",
-}
+    return _submit(settings, "dataset", config, config.name, follow=True)[0]
 
 
 def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
-    from pipelines.finetune import FinetuneConfig
-
     try:
         data = json.loads(Path(args.config).read_text()) if args.config else {}
-        data.update(
-            {
-                field: getattr(args, flag)
-                for flag, field in FINETUNE_FLAGS.items()
-                if getattr(args, flag) is not None
-            }
-        )
-        if args.use_chat_template:
-            data["use_chat_template"] = args.use_chat_template == "true"
-        if args.dataset:
-            data["dataset_dir"] = args.dataset
+        data.update(config_values(args))
         if not args.data_files and "dataset_dir" not in data:
             raise ValueError("give --dataset (an imported dataset folder) or --data_files")
         data = _absolute_paths(data)
@@ -346,8 +292,6 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     imported = None
     if args.data_files:
-        import dataclasses
-
         store.init(settings.home)
         import_config = DatasetConfig(
             name=Path(args.data_files[0]).stem,
@@ -356,7 +300,7 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
             tokenizer_model=config.base_model,
             max_file_mb=settings.max_upload_mb,
         )
-        runner = JobRunner(settings.home, queues=settings.queues)
+        runner = _runner(settings)
         imported = runner.submit("dataset", import_config, name=import_config.name)
         print(f"queued {imported} (dataset import)", flush=True)
         config = dataclasses.replace(config, dataset_dir=str(runner.output(imported, "dataset")))
@@ -374,19 +318,11 @@ def cmd_finetune(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(settings: Settings, args: argparse.Namespace) -> int:
-    from pipelines.quantize import QuantizeConfig
-
     try:
         data = json.loads(Path(args.config).read_text()) if args.config else {}
-        for flag in ("model", "precision", "execution_provider", "format", "task"):
-            if getattr(args, flag) is not None:
-                data[flag] = getattr(args, flag)
+        data.update(config_values(args))
         if args.extra_options:
             data["extra_options"] = " ".join(args.extra_options)
-        if args.dataset:
-            data["dataset_dir"] = args.dataset
-        if args.no_gate:
-            data["gate"] = False
         config = QuantizeConfig(**_absolute_paths(data))
     except (OSError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -423,7 +359,7 @@ def cmd_quickstart(settings: Settings, args: argparse.Namespace) -> int:
     """Queue the quick start chain, follow each run, print the report, serve the model."""
     from studio import deploy, quickstart
 
-    runner = JobRunner(settings.home, queues=settings.queues, grace_s=settings.cancel_grace_s)
+    runner = _runner(settings)
     runs = quickstart.submit(runner)
     owns = runner.start()
     try:
@@ -454,22 +390,8 @@ def cmd_quickstart(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_bench_endpoint(settings: Settings, args: argparse.Namespace) -> int:
     """Queue a benchmark run against URL (its key from $STUDIO_RUNTIME_API_KEY) and print it."""
-    from pipelines.benchmark import BenchmarkConfig
-
     try:
-        config = BenchmarkConfig(
-            **_absolute_paths(
-                {
-                    "url": args.url,
-                    "model": args.model,
-                    "rounds": args.rounds,
-                    "warmup": args.warmup,
-                    "max_tokens": args.max_tokens,
-                    "prompts_file": args.prompts,
-                    "model_dir": args.model_dir,
-                }
-            )
-        )
+        config = BenchmarkConfig(**_absolute_paths({"url": args.url, **config_values(args)}))
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -493,7 +415,7 @@ def cmd_distill(settings: Settings, args: argparse.Namespace) -> int:
     except (OSError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    runner = JobRunner(settings.home, queues=settings.queues, grace_s=settings.cancel_grace_s)
+    runner = _runner(settings)
     runs = distill.submit(runner, spec, name=args.name)
     for step, run_id in runs.items():
         print(f"queued {run_id} ({step})", flush=True)
@@ -530,11 +452,16 @@ def _copy_outputs(
         print(f"copied {source.name}/ to {target / source.name}")
 
 
+def _runner(settings: Settings) -> JobRunner:
+    """The one way the CLI builds its runner (same queues and grace period as the UI's)."""
+    return JobRunner(settings.home, queues=settings.queues, grace_s=settings.cancel_grace_s)
+
+
 def _submit(
     settings: Settings, step: str, config, name: str, follow: bool, depends_on: str | None = None
 ) -> tuple[int, str]:
     """Queue a run; with `follow`, run it now (unless the UI's runner does) and print it."""
-    runner = JobRunner(settings.home, queues=settings.queues, grace_s=settings.cancel_grace_s)
+    runner = _runner(settings)
     run_id = runner.submit(step, config, name=name, depends_on=depends_on)
     print(f"queued {run_id}", flush=True)
     if not follow:

@@ -88,4 +88,46 @@ def test_import_with_the_bundled_tokenizer_end_to_end(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "kept: 360" in result.stdout and "tokens per row: min 2" in result.stdout
+    assert "360 kept" in result.stdout and "Tokens per row (" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["finetune", "quantize", "dataset import", "bench-endpoint"])
+def test_every_config_field_is_a_flag_with_its_help(command):
+    """Flags come from the config dataclasses (name, type, help), so none can drift from them."""
+    import dataclasses
+
+    from pipelines.benchmark import BenchmarkConfig
+    from pipelines.dataset import DatasetConfig
+    from pipelines.finetune import FinetuneConfig
+    from pipelines.quantize import QuantizeConfig
+    from studio.cli import _parser
+
+    config, positional = {
+        "finetune": (FinetuneConfig, ()),
+        "quantize": (QuantizeConfig, ("extra_options",)),
+        "dataset import": (
+            DatasetConfig,
+            ("files", "train_ratio", "validation_ratio", "test_ratio"),
+        ),
+        "bench-endpoint": (BenchmarkConfig, ("url",)),
+    }[command]
+    parser = _parser()
+    sub = parser._subparsers._group_actions[0].choices[command.split()[0]]
+    if " " in command:
+        sub = sub._subparsers._group_actions[0].choices["import"]
+    flags = {a.dest: a for a in sub._actions}
+    for f in dataclasses.fields(config):
+        if f.name in positional or f.name == "test_ratio":  # --split sets the shares
+            continue
+        action = flags[f"config_{f.name}"]
+        assert f"--{f.name}" in action.option_strings
+        assert f.metadata["help"] in action.help
+
+
+def test_flags_are_typed_and_checked_by_the_config(tmp_path):
+    result = slmops(tmp_path / "home", "finetune", "--dataset", str(tmp_path), "--lora_r", "x")
+    assert result.returncode == 2 and "invalid int value: 'x'" in result.stderr
+    result = slmops(tmp_path / "home", "finetune", "--dataset", str(tmp_path), "--lora_r", "0")
+    assert result.returncode == 2 and "lora_r must be >= 1, got 0" in result.stderr
+    result = slmops(tmp_path / "home", "quantize", "-m", "bundled", "-p", "fp16", "--detach")
+    assert result.returncode == 2 and "precision fp16 is not offered for cpu" in result.stderr

@@ -5,55 +5,31 @@ import json
 
 import pytest
 
-from pipelines.finetune import FinetuneConfig
-from pipelines.synthesize import SynthesizeConfig
 from studio import store
 from studio.jobs import JobRunner
-from studio.ui import distill_tab, forms, views
+from studio.ui import distill_tab, views
 from tests.openai_server import FakeOpenAI
 from tests.test_deploy import _assert_secret_nowhere
 from tests.test_distill import label_of
 
 
-def advanced(**changes):
-    """The Advanced fields' default values, in form order, with some changed."""
-    values = []
-    for cls, names in (
-        (SynthesizeConfig, distill_tab.TEACHER_ADVANCED),
-        (FinetuneConfig, distill_tab.STUDENT_ADVANCED),
-    ):
-        for name in forms.form_fields(cls):
-            if name in names:
-                values.append(changes.get(name, forms.field_kwargs(cls, name)["value"]))
-    return values
-
-
 def form(dataset, teacher, **changes):
+    """The form's values by name, as the Start button sends them."""
     values = {
         "dataset_dir": str(dataset),
         "task": "conversation",
-        "system_prompt": "",
-        "user_template": "",
-        "answer_pattern": "",
-        "chain_of_thought": False,
-        "kind": "Local model",
+        "teacher_kind": "Local model",
         "teacher": str(teacher),
-        "endpoint": "",
-        "key": "",
-        "key_env": "",
         "student": distill_tab.PRUNED,
         "keep_layers": 1,
         "method": "full",
-        "epochs": 1,
-        "max_steps": 2,
-        "learning_rate": 1e-3,
-        "batch_size": 4,
         "logits": True,
-        "distill_loss": "kl",
         "eval_rows": 3,
+        "finetune_max_steps": 2,
+        "finetune_learning_rate": 1e-3,
+        "finetune_batch_size": 4,
     }
-    values.update(changes)
-    return list(values.values())
+    return values | changes
 
 
 def test_answer_length_suits_the_task():
@@ -88,10 +64,14 @@ def test_teacher_check_and_student_size(home):
 
 def test_chain_from_the_form_with_a_local_teacher(home, tiny_lm, tiny_dataset):
     runner = JobRunner(home, inline=True)
-    values = form(tiny_dataset, tiny_lm) + advanced(
-        min_success_ratio=0.0, max_new_tokens=4, max_rows=8
+    values = form(
+        tiny_dataset,
+        tiny_lm,
+        synthesize_min_success_ratio=0.0,
+        synthesize_max_new_tokens=4,
+        synthesize_max_rows=8,
     )
-    runs, status, key_box = distill_tab.submit_distill(runner, None, *values)
+    runs, status, key_box = distill_tab.submit_distill(runner, None, **values)
     assert list(runs) == ["synthesize", "finetune", "evaluate"] and key_box == ""
     with store.connect(home) as db:
         rows = {step: store.get_run(db, run_id) for step, run_id in runs.items()}
@@ -118,14 +98,16 @@ def test_an_api_key_typed_in_never_lands_on_disk(home, tiny_lm, tiny_dataset):
             tiny_dataset,
             "big-model",
             task="classification",
-            kind="Endpoint",
+            teacher_kind="Endpoint",
             endpoint=server.url,
-            key="sk-secret-123",
+            api_key="sk-secret-123",
             student=str(tiny_lm),
             logits=False,
             method="lora",
-        ) + advanced(max_rows=8, max_new_tokens=4)
-        runs, _, _ = distill_tab.submit_distill(runner, None, *values)
+            synthesize_max_rows=8,
+            synthesize_max_new_tokens=4,
+        )
+        runs, _, _ = distill_tab.submit_distill(runner, None, **values)
     with store.connect(home) as db:
         statuses = {s: store.get_run(db, r)["status"] for s, r in runs.items()}
     assert statuses == dict.fromkeys(runs, "succeeded")
@@ -136,8 +118,5 @@ def test_logits_from_an_endpoint_are_refused(home, tiny_dataset):
     runner = JobRunner(home, inline=True)
     with pytest.raises(Exception, match="pruned copy needs a local teacher"):
         distill_tab.submit_distill(
-            runner,
-            None,
-            *form(tiny_dataset, "m", kind="Endpoint", endpoint="http://x/v1"),
-            *advanced(),
+            runner, None, **form(tiny_dataset, "m", teacher_kind="Endpoint", endpoint="http://x/v1")
         )

@@ -18,7 +18,6 @@ from studio.quota import LimitReached
 from studio.settings import Limits, Settings, child_environ, parse_users
 from studio.ui import app, data_tab, deploy_tab, finetune_tab, runs_tab, session
 from tests.test_deploy import TOKEN, _assert_secret_nowhere, hub  # noqa: F401 - a fixture
-from tests.test_finetune_tab import _advanced
 from tests.test_ui import _import
 
 LIMITS = Limits(upload_mb=1, rows=5, train_steps=50, queued_runs=3, servers=1)
@@ -103,13 +102,10 @@ def test_limits_say_what_to_change(home, fake_steps, hosted):
         assert store.active_runs(db, "alice") == 2
 
     start = session.for_user(hosted, functools.partial(finetune_tab.submit_finetune, runner))
-    form = ["bundled", "lora", 4, 8, 1, 0, 1e-4, 4, 64, False]
-    advanced = _advanced()
     with pytest.raises(gr.Error, match="at most 50 steps.*whole epochs"):
-        start(_as("carol"), "some-data", *form, *advanced)
-    form[5] = 500
+        start(_as("carol"), dataset_dir="some-data", max_steps=0)
     with pytest.raises(gr.Error, match=r"set Max steps to 50 or less \(it is 500\)"):
-        start(_as("carol"), "some-data", *form, *advanced)
+        start(_as("carol"), dataset_dir="some-data", max_steps=500)
 
 
 def test_rows_and_upload_size_limits(home, tmp_path, tiny_tokenizer_dir, hosted):

@@ -21,34 +21,15 @@ def settings(home):
 
 
 def _import(runner, settings, files, tokenizer, name="support", owner=None, **overrides):
-    values = {"roles": [""] * ROLES, "system": "", "shares": (0.9, 0.1, 0.0)} | overrides
-    advanced = {
+    """The Import button's values by name (the tab sends only what its form holds)."""
+    values = {
+        "name": name,
         "tokenizer_model": str(tokenizer),
-        "max_tokens": 2048,
-        "drop_duplicates": True,
-        "seed": 42,
-        "max_rows": 0,
+        "train_ratio": 0.9,
+        "validation_ratio": 0.1,
+        "test_ratio": 0.0,
     }
-    names = [
-        f.name
-        for f in dataclasses.fields(dataset.DatasetConfig)
-        if f.name not in data_tab.HAND_LAID
-    ]
-    return data_tab.submit_import(
-        runner,
-        settings,
-        owner,
-        files,
-        "",
-        "",
-        "train",
-        name,
-        "auto",
-        *values["roles"],
-        values["system"],
-        *values["shares"],
-        *[advanced[n] for n in names],
-    )
+    return data_tab.submit_import(runner, settings, owner, files=files, **(values | overrides))
 
 
 def test_upload_detects_shape_mapping_and_suggests_a_system_prompt():
@@ -103,7 +84,7 @@ def test_import_refuses_bad_forms_with_gr_error(runner, settings, tiny_tokenizer
             settings,
             [str(dataset.SAMPLE_DATASET)],
             tiny_tokenizer_dir,
-            shares=(0.5, 0.1, 0.0),
+            train_ratio=0.5,
         )
     big = tmp_path / "big.csv"
     big.write_bytes(b"text,label\n" + b"x,y\n" * 300_000)
@@ -176,9 +157,13 @@ def test_every_event_returns_what_its_outputs_expect(
                 values.append(run_id)
             else:
                 values.append(component.value)
-        values, *_ = gr.helpers.special_args(block_fn.fn, values, request)
+        names = list(block_fn.input_keyword_names or [])  # inputs_kwargs: values by name
+        named = dict(zip(names, values[len(values) - len(names) :]))
+        values, *_ = gr.helpers.special_args(
+            block_fn.fn, values[: len(values) - len(names)], request
+        )
         try:
-            result = block_fn.fn(*values)
+            result = block_fn.fn(*values, **named)
             results = list(result) if inspect.isgenerator(result) else [result]
         except gr.Error:
             continue  # a message for the user, e.g. "Pick a run first."

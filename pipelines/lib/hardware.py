@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -31,3 +32,20 @@ def hardware() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return text
+
+
+def gpu_free_bytes() -> int | None:
+    """Free memory of the first GPU from nvidia-smi (None without one); the web process asks
+    this instead of loading torch."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
+        return int(out.split()[0]) * 2**20
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None

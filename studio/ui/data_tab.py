@@ -137,22 +137,23 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
         )
 
     limits = runner.limits
+    form = {
+        "files": files,
+        "hub_dataset": hub_dataset,
+        "hub_config": hub_config,
+        "hub_split": hub_split,
+        "name": name,
+        "shape": shape,
+        "system_prompt": system_prompt,
+        "train_ratio": train,
+        "validation_ratio": validation,
+        "test_ratio": test,
+        **{f"mapping_{role}": control for role, control in zip(MAPPING_ROLES, roles)},
+        **advanced,
+    }
     submit.click(
         session.for_user(limits, functools.partial(submit_import, runner, settings)),
-        inputs=[
-            files,
-            hub_dataset,
-            hub_config,
-            hub_split,
-            name,
-            shape,
-            *roles,
-            system_prompt,
-            train,
-            validation,
-            test,
-            *advanced.values(),
-        ],
+        inputs_kwargs=form,
         outputs=[import_run, import_status],
     )
     timer = gr.Timer(1.0)
@@ -224,18 +225,13 @@ def submit_import(
     runner: JobRunner,
     settings: Settings,
     owner: str | None,
-    files: list[str] | str | None,
-    hub_dataset: str,
-    hub_config: str,
-    hub_split: str,
-    name: str,
-    shape: str,
-    *values: Any,
+    *,
+    files: list[str] | str | None = None,
+    **fields: Any,
 ) -> tuple[str, str]:
-    """Validate the form, copy the uploads into STUDIO_HOME and queue a dataset run."""
-    role_values = values[: len(MAPPING_ROLES)]
-    system_prompt, train, validation, test = values[len(MAPPING_ROLES) : len(MAPPING_ROLES) + 4]
-    advanced_values = values[len(MAPPING_ROLES) + 4 :]
+    """Validate the form, copy the uploads into STUDIO_HOME and queue a dataset run.
+
+    `fields`: form values named after DatasetConfig's fields, and `mapping_<role>` columns."""
     paths = _paths(files)
     for path in paths:
         size_mb = Path(path).stat().st_size / 2**20
@@ -251,22 +247,21 @@ def submit_import(
             f"These files hold {total_mb:.1f} MB, and this shared studio takes at most "
             f"{limit_mb} MB per import: upload fewer or smaller files."
         )
-    names = forms.form_fields(DatasetConfig, exclude=HAND_LAID)
+    values = forms.config_values(DatasetConfig, fields)
+    hub = (values.get("hub_dataset") or "").strip()
     try:
         config = DatasetConfig(
-            name=(name or "").strip() or (Path(paths[0]).stem if paths else hub_dataset or ""),
-            files=paths,
-            hub_dataset=(hub_dataset or "").strip(),
-            hub_config=hub_config or "",
-            hub_split=hub_split or "train",
-            shape=shape or "auto",
-            mapping={r: v for r, v in zip(MAPPING_ROLES, role_values) if v},
-            system_prompt=system_prompt or "",
-            train_ratio=float(train or 0),
-            validation_ratio=float(validation or 0),
-            test_ratio=float(test or 0),
-            max_file_mb=settings.max_upload_mb,
-            **forms.values_to_kwargs(DatasetConfig, names, advanced_values),
+            **{
+                **values,
+                "name": (values.get("name") or "").strip()
+                or (Path(paths[0]).stem if paths else hub),
+                "files": paths,
+                "hub_dataset": hub,
+                "mapping": {
+                    r: fields[f"mapping_{r}"] for r in MAPPING_ROLES if fields.get(f"mapping_{r}")
+                },
+                "max_file_mb": settings.max_upload_mb,
+            }
         )
     except (ValueError, TypeError) as e:
         raise gr.Error(f"Can't import: {e}") from e

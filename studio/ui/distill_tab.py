@@ -55,6 +55,54 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         "says how much of the teacher's quality the student keeps, and how much faster and "
         "smaller it is."
     )
+    form = {**_data_section(home, nobody), **_teacher_section(home, limits, nobody)}
+    form |= _student_section(home, limits, nobody)
+    student_info = gr.Markdown(elem_id="distill-student")
+    start = gr.Button("Start distillation", variant="primary", elem_id="distill-start")
+    chain = gr.State({})
+    status = gr.Markdown(elem_id="distill-status")
+    _reports_section(home, limits, nobody)
+
+    form["task"].change(
+        answer_length, inputs=[form["task"]], outputs=[form["synthesize_max_new_tokens"]]
+    )
+    form["teacher_kind"].change(
+        on_teacher_kind,
+        inputs=[form["teacher_kind"]],
+        outputs=[form["endpoint_row"], form["teacher"], form["logits"]],
+    )
+    form["test"].click(
+        session.for_user(limits, functools.partial(check_teacher, home, limits)),
+        inputs=[form[n] for n in ("teacher_kind", "teacher", "endpoint", "api_key", "api_key_env")],
+        outputs=[form["connection"]],
+    )
+    info = ("teacher_kind", "teacher", "student", "keep_layers", "method")
+    info_inputs = [form[n] for n in info] + [form["finetune_batch_size"], form["logits"]]
+    for control in info_inputs:
+        control.change(lambda *v: student_md(*v), inputs=info_inputs, outputs=[student_info])
+    for name, choices in (("dataset_dir", dataset_choices), ("teacher", model_choices)):
+        form[name].focus(
+            session.for_viewer(limits, lambda owner, c=choices: gr.update(choices=c(home, owner))),
+            outputs=[form[name]],
+        )
+    values = {n: c for n, c in form.items() if n not in NOT_VALUES}
+    start.click(
+        session.for_user(limits, functools.partial(submit_distill, runner)),
+        inputs_kwargs=values,
+        outputs=[chain, status, form["api_key"]],
+    )
+    timer = gr.Timer(2.0)
+    timer.tick(
+        session.for_viewer(limits, lambda owner, c: chain_md(home, c, owner)),
+        inputs=[chain],
+        outputs=[status],
+    )
+
+
+NOT_VALUES = ("endpoint_row", "test", "connection")  # layout and buttons, not settings
+
+
+def _data_section(home: Path, nobody: str | None) -> dict[str, Any]:
     gr.Markdown("### 1. Data and task")
     with gr.Row():
         dataset_dir = gr.Dropdown(
@@ -71,12 +119,21 @@ def build_tab(home: Path, runner: JobRunner) -> None:
             elem_id="distill-task",
         )
     with gr.Accordion("Prompts (custom task, or override a preset)", open=False):
-        system_prompt = gr.Textbox(lines=2, **_kwargs(SynthesizeConfig, "system_prompt"))
-        user_template = gr.Textbox(**_kwargs(SynthesizeConfig, "user_template"))
+        prompts = {
+            "system_prompt": gr.Textbox(lines=2, **_kwargs(SynthesizeConfig, "system_prompt"))
+        }
+        prompts["user_template"] = gr.Textbox(**_kwargs(SynthesizeConfig, "user_template"))
         with gr.Row():
-            answer_pattern = gr.Textbox(**_kwargs(SynthesizeConfig, "answer_pattern"))
-            chain_of_thought = gr.Checkbox(**_kwargs(SynthesizeConfig, "chain_of_thought"))
+            prompts["answer_pattern"] = gr.Textbox(**_kwargs(SynthesizeConfig, "answer_pattern"))
+            prompts["chain_of_thought"] = gr.Checkbox(
+                **_kwargs(SynthesizeConfig, "chain_of_thought")
+            )
+    return {"dataset_dir": dataset_dir, "task": task} | {
+        f"synthesize_{n}": c for n, c in prompts.items()
+    }
 
+
+def _teacher_section(home: Path, limits: Limits | None, nobody: str | None) -> dict[str, Any]:
     gr.Markdown("### 2. Teacher")
     with gr.Row():
         teacher_kind = gr.Radio(
@@ -108,10 +165,22 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         test = gr.Button("Test connection", size="sm", elem_id="distill-test")
         connection = gr.Markdown(elem_id="distill-connection")
     with gr.Accordion("Teacher settings", open=False):
-        teacher_form = forms.build_form(SynthesizeConfig, exclude=_others(SynthesizeConfig))
-        teacher_form["max_rows"].elem_id = "distill-teacher-rows"
+        settings = forms.build_form(SynthesizeConfig, exclude=_others(SynthesizeConfig))
+        settings["max_rows"].elem_id = "distill-teacher-rows"
+    settings["max_new_tokens"].value = answer_length("classification")  # the default task
+    return {
+        "teacher_kind": teacher_kind,
+        "teacher": teacher,
+        "endpoint_row": endpoint_row,
+        "endpoint": endpoint,
+        "api_key": api_key,
+        "api_key_env": api_key_env,
+        "test": test,
+        "connection": connection,
+    } | {f"synthesize_{n}": c for n, c in settings.items()}
 
-    teacher_form["max_new_tokens"].value = answer_length("classification")  # the default task
+
+def _student_section(home: Path, limits: Limits | None, nobody: str | None) -> dict[str, Any]:
     gr.Markdown("### 3. Student")
     with gr.Row():
         student = gr.Dropdown(
@@ -134,35 +203,45 @@ def build_tab(home: Path, runner: JobRunner) -> None:
             label="Training",
             info="full suits a pruned student (its layers must relearn to work together).",
         )
+    training = {}
     with gr.Row():
-        epochs = gr.Number(**_kwargs(FinetuneConfig, "epochs"))
-        max_steps = gr.Number(
+        training["epochs"] = gr.Number(**_kwargs(FinetuneConfig, "epochs"))
+        training["max_steps"] = gr.Number(
             precision=0, elem_id="distill-steps", **_kwargs(FinetuneConfig, "max_steps")
         )
         if limits and limits.train_steps:  # a shared studio: whole epochs are not allowed
-            max_steps.value = limits.train_steps
-            max_steps.info = f"At most {limits.train_steps} on this shared studio."
-        learning_rate = gr.Number(**{**_kwargs(FinetuneConfig, "learning_rate"), "value": 1e-4})
-        batch_size = gr.Number(precision=0, **_kwargs(FinetuneConfig, "batch_size"))
+            training["max_steps"].value = limits.train_steps
+            training["max_steps"].info = f"At most {limits.train_steps} on this shared studio."
+        training["learning_rate"] = gr.Number(
+            **{**_kwargs(FinetuneConfig, "learning_rate"), "value": 1e-4}
+        )
+        training["batch_size"] = gr.Number(precision=0, **_kwargs(FinetuneConfig, "batch_size"))
     with gr.Row():
         logits = gr.Checkbox(
             value=True,
             label="Learn the teacher's logits too",
             info="Token-level distillation; needs a local teacher with the student's vocabulary.",
         )
-        distill_loss = gr.Radio(choices=["kl", "jsd"], **_kwargs(FinetuneConfig, "distill_loss"))
+        training["distill_loss"] = gr.Radio(
+            choices=["kl", "jsd"], **_kwargs(FinetuneConfig, "distill_loss")
+        )
         eval_rows = gr.Number(
             precision=0,
             elem_id="distill-rows",
             **{**_kwargs(EvaluateConfig, "max_rows"), "label": "Report rows"},
         )
     with gr.Accordion("Student settings", open=False):
-        student_form = forms.build_form(FinetuneConfig, exclude=_others(FinetuneConfig))
-    student_info = gr.Markdown(elem_id="distill-student")
-    start = gr.Button("Start distillation", variant="primary", elem_id="distill-start")
-    chain = gr.State({})
-    status = gr.Markdown(elem_id="distill-status")
+        training |= forms.build_form(FinetuneConfig, exclude=_others(FinetuneConfig))
+    return {
+        "student": student,
+        "keep_layers": keep_layers,
+        "method": method,
+        "logits": logits,
+        "eval_rows": eval_rows,
+    } | {f"finetune_{n}": c for n, c in training.items()}
 
+
+def _reports_section(home: Path, limits: Limits | None, nobody: str | None) -> None:
     gr.Markdown("### Reports")
     reports = report_choices(home, nobody)
     latest = reports[0][1] if reports else None
@@ -181,67 +260,14 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         height=260,
     )
     samples = gr.Dataframe(shown[2], label="Answers side by side", wrap=True, interactive=False)
-
-    task.change(answer_length, inputs=[task], outputs=[teacher_form["max_new_tokens"]])
-    teacher_kind.change(
-        on_teacher_kind, inputs=[teacher_kind], outputs=[endpoint_row, teacher, logits]
+    report_run.focus(
+        session.for_viewer(limits, lambda owner: gr.update(choices=report_choices(home, owner))),
+        outputs=[report_run],
     )
-    test.click(
-        session.for_user(limits, functools.partial(check_teacher, home, limits)),
-        inputs=[teacher_kind, teacher, endpoint, api_key, api_key_env],
-        outputs=[connection],
-    )
-    info_inputs = [teacher_kind, teacher, student, keep_layers, method, batch_size, logits]
-    for control in info_inputs:
-        control.change(lambda *v: student_md(*v), inputs=info_inputs, outputs=[student_info])
-    for dropdown, choices in (
-        (dataset_dir, dataset_choices),
-        (teacher, model_choices),
-        (report_run, report_choices),
-    ):
-        dropdown.focus(
-            session.for_viewer(limits, lambda owner, c=choices: gr.update(choices=c(home, owner))),
-            outputs=[dropdown],
-        )
     report_run.change(
         session.for_viewer(limits, lambda owner, r: show_report(home, r, owner)),
         inputs=[report_run],
         outputs=[report_md, ratios_plot, samples],
-    )
-    start.click(
-        session.for_user(limits, functools.partial(submit_distill, runner)),
-        inputs=[
-            dataset_dir,
-            task,
-            system_prompt,
-            user_template,
-            answer_pattern,
-            chain_of_thought,
-            teacher_kind,
-            teacher,
-            endpoint,
-            api_key,
-            api_key_env,
-            student,
-            keep_layers,
-            method,
-            epochs,
-            max_steps,
-            learning_rate,
-            batch_size,
-            logits,
-            distill_loss,
-            eval_rows,
-            *teacher_form.values(),
-            *student_form.values(),
-        ],
-        outputs=[chain, status, api_key],
-    )
-    timer = gr.Timer(2.0)
-    timer.tick(
-        session.for_viewer(limits, lambda owner, c: chain_md(home, c, owner)),
-        inputs=[chain],
-        outputs=[status],
     )
 
 
@@ -361,75 +387,52 @@ def student_md(
 def submit_distill(
     runner: JobRunner,
     owner: str | None,
+    *,
     dataset_dir: str,
-    task: str,
-    system_prompt: str,
-    user_template: str,
-    answer_pattern: str,
-    chain_of_thought: bool,
-    kind: str,
-    teacher: str,
-    endpoint: str,
-    key: str,
-    key_env: str,
-    student: str,
-    keep_layers: float,
-    method: str,
-    epochs: float,
-    max_steps: float,
-    learning_rate: float,
-    batch_size: float,
-    logits: bool,
-    distill_loss: str,
-    eval_rows: float,
-    *advanced: Any,
+    task: str = "classification",
+    teacher_kind: str = "Local model",
+    teacher: str = "bundled",
+    endpoint: str = "",
+    api_key: str = "",
+    api_key_env: str = "",
+    student: str = PRUNED,
+    keep_layers: float = 10,
+    method: str = "full",
+    logits: bool = True,
+    eval_rows: float | None = None,
+    **fields: Any,
 ) -> tuple[dict[str, str], str, str]:
-    """Validate the whole chain, then queue it; the key goes to the runs' environment only."""
+    """Validate the whole chain, then queue it; the key goes to the runs' environment only.
+
+    `fields` are form values named `synthesize_<field>` and `finetune_<field>` after the field of
+    the config they set; a field left empty keeps the config's default."""
     if not dataset_dir:
         raise gr.Error("Pick a dataset (import one in the Data tab first).")
-    teacher_names = forms.form_fields(SynthesizeConfig, exclude=_others(SynthesizeConfig))
-    student_names = forms.form_fields(FinetuneConfig, exclude=_others(FinetuneConfig))
-    teacher_values = forms.values_to_kwargs(
-        SynthesizeConfig, teacher_names, advanced[: len(teacher_names)]
-    )
-    student_values = forms.values_to_kwargs(
-        FinetuneConfig, student_names, advanced[len(teacher_names) :]
-    )
-    on_endpoint = kind == "Endpoint"
+    on_endpoint = teacher_kind == "Endpoint"
     pruned = student == PRUNED
     if pruned and on_endpoint:
         raise gr.Error("A pruned copy needs a local teacher: pick a student model instead.")
+    key_env = "" if runner.limits is not None else (api_key_env or "").strip()
     spec = {
         "dataset_dir": dataset_dir,
         "logits": bool(logits) and not on_endpoint,
         "synthesize": {
+            **forms.config_values(SynthesizeConfig, fields, prefix="synthesize_"),
             "task": task or "classification",
-            "system_prompt": system_prompt or "",
-            "user_template": user_template or "",
-            "answer_pattern": answer_pattern or "",
-            "chain_of_thought": bool(chain_of_thought),
             "teacher": (teacher or "").strip() or ("" if on_endpoint else "bundled"),
             "endpoint": (endpoint or "").strip() if on_endpoint else "",
-            "api_key_env": (key_env or "").strip(),
-            **teacher_values,
+            # a shared studio: the host's variables are not the visitor's
+            "api_key_env": key_env,
         },
         "finetune": {
+            **forms.config_values(FinetuneConfig, fields, prefix="finetune_"),
             "base_model": (teacher or "bundled").strip() if pruned else (student or "bundled"),
             "keep_layers": int(keep_layers or 0) if pruned else 0,
             "method": method or "full",
-            "epochs": float(epochs or 1),
-            "max_steps": int(max_steps or 0),
-            "learning_rate": float(learning_rate or 1e-4),
-            "batch_size": int(batch_size or 4),
-            "distill_loss": distill_loss or "kl",
-            **student_values,
         },
-        "evaluate": {"max_rows": int(eval_rows or 40)},
+        "evaluate": {"max_rows": int(eval_rows)} if eval_rows else {},
     }
-    if runner.limits is not None:
-        spec["synthesize"]["api_key_env"] = ""  # the host's variables are not the visitor's
-        key_env = ""
-    secrets = {API_KEY_ENV: key} if key and not key_env else {}
+    secrets = {API_KEY_ENV: api_key} if api_key and not key_env else {}
     try:
         runs = distill.submit(runner, spec, secrets=secrets, owner=owner)
     except (LimitReached, PermissionError) as e:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +12,11 @@ import gradio as gr
 
 from pipelines.finetune import METHODS, FinetuneConfig
 from pipelines.lib import memory
+from pipelines.lib.hardware import gpu_free_bytes
 from pipelines.lib.models import model_arch
 from studio import store
 from studio.jobs import JobRunner
+from studio.settings import Limits
 from studio.ui import forms, runs_tab, session
 
 HAND_LAID = (
@@ -44,40 +44,10 @@ ESTIMATE_FIELDS = (
 
 def build_tab(home: Path, runner: JobRunner) -> None:
     limits, nobody = runner.limits, session.page_owner(runner.limits)
-    with gr.Row():
-        dataset_dir = gr.Dropdown(
-            label="Dataset",
-            choices=dataset_choices(home, nobody),
-            value=None,
-            info="Imported in the Data tab.",
-            elem_id="ft-dataset",
-        )
-        base_model = gr.Dropdown(
-            label="Base model",
-            choices=model_choices(home, nobody),
-            value="bundled",
-            allow_custom_value=True,
-            elem_id="ft-base",
-            info="The bundled SmolLM2-135M-Instruct, a model made here, a "
-            "local folder or a Hub id.",
-        )
-        method = gr.Radio(**_kwargs("method"), choices=list(METHODS))
-    with gr.Row():
-        lora_r = gr.Number(precision=0, **_kwargs("lora_r"))
-        lora_alpha = gr.Number(precision=0, **_kwargs("lora_alpha"))
-        epochs = gr.Number(**_kwargs("epochs"))
-        max_steps = gr.Number(precision=0, elem_id="ft-steps", **_kwargs("max_steps"))
-        if limits and limits.train_steps:  # a shared studio: whole epochs are not allowed
-            max_steps.value = min(max_steps.value or limits.train_steps, limits.train_steps)
-            max_steps.info = f"At most {limits.train_steps} on this shared studio."
-    with gr.Row():
-        learning_rate = gr.Number(**_kwargs("learning_rate"))
-        batch_size = gr.Number(precision=0, **_kwargs("batch_size"))
-        max_seq_len = gr.Number(precision=0, **_kwargs("max_seq_len"))
-        checkpointing = gr.Checkbox(**_kwargs("gradient_checkpointing"))
+    form = _main_fields(home, limits, nobody)
     estimate = gr.Markdown(elem_id="ft-estimate")
     with gr.Accordion("Advanced", open=False):
-        advanced = forms.build_form(FinetuneConfig, exclude=HAND_LAID)
+        form |= forms.build_form(FinetuneConfig, exclude=HAND_LAID)
     start = gr.Button("Start finetuning", variant="primary", elem_id="ft-start")
     run_id = gr.State("")
     status = gr.HTML(elem_id="ft-status")
@@ -90,30 +60,18 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         "a tuned one, the same message to both)."
     )
 
-    fields = [base_model, method, lora_r, batch_size, max_seq_len, checkpointing]
+    sizing = ("base_model", "method", "lora_r", "batch_size", "max_seq_len")
+    fields = [form[n] for n in (*sizing, "gradient_checkpointing")]
     for control in fields:
         control.change(lambda *v: estimate_md(*v), inputs=fields, outputs=[estimate])
-    for dropdown in (dataset_dir, base_model):
-        dropdown.focus(
-            session.for_viewer(limits, _refresh_choices(home, dropdown is dataset_dir)),
-            outputs=[dropdown],
+    for name in ("dataset_dir", "base_model"):
+        form[name].focus(
+            session.for_viewer(limits, _refresh_choices(home, name == "dataset_dir")),
+            outputs=[form[name]],
         )
     start.click(
         session.for_user(limits, functools.partial(submit_finetune, runner)),
-        inputs=[
-            dataset_dir,
-            base_model,
-            method,
-            lora_r,
-            lora_alpha,
-            epochs,
-            max_steps,
-            learning_rate,
-            batch_size,
-            max_seq_len,
-            checkpointing,
-            *advanced.values(),
-        ],
+        inputs_kwargs=form,
         outputs=[run_id, status],
     )
     timer = gr.Timer(2.0)
@@ -124,6 +82,46 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         inputs=[run_id],
         outputs=[status, report, models],
     )
+
+
+def _main_fields(home: Path, limits: Limits | None, nobody: str | None) -> dict[str, Any]:
+    """The fields laid out by hand (HAND_LAID), by FinetuneConfig field name."""
+    with gr.Row():
+        form = {
+            "dataset_dir": gr.Dropdown(
+                label="Dataset",
+                choices=dataset_choices(home, nobody),
+                value=None,
+                info="Imported in the Data tab.",
+                elem_id="ft-dataset",
+            ),
+            "base_model": gr.Dropdown(
+                label="Base model",
+                choices=model_choices(home, nobody),
+                value="bundled",
+                allow_custom_value=True,
+                elem_id="ft-base",
+                info="The bundled SmolLM2-135M-Instruct, a model made here, a "
+                "local folder or a Hub id.",
+            ),
+            "method": gr.Radio(**_kwargs("method"), choices=list(METHODS)),
+        }
+    with gr.Row():
+        form["lora_r"] = gr.Number(precision=0, **_kwargs("lora_r"))
+        form["lora_alpha"] = gr.Number(precision=0, **_kwargs("lora_alpha"))
+        form["epochs"] = gr.Number(**_kwargs("epochs"))
+        steps = form["max_steps"] = gr.Number(
+            precision=0, elem_id="ft-steps", **_kwargs("max_steps")
+        )
+        if limits and limits.train_steps:  # a shared studio: whole epochs are not allowed
+            steps.value = min(steps.value or limits.train_steps, limits.train_steps)
+            steps.info = f"At most {limits.train_steps} on this shared studio."
+    with gr.Row():
+        form["learning_rate"] = gr.Number(**_kwargs("learning_rate"))
+        form["batch_size"] = gr.Number(precision=0, **_kwargs("batch_size"))
+        form["max_seq_len"] = gr.Number(precision=0, **_kwargs("max_seq_len"))
+        form["gradient_checkpointing"] = gr.Checkbox(**_kwargs("gradient_checkpointing"))
+    return form
 
 
 def _kwargs(name: str) -> dict[str, Any]:
@@ -225,62 +223,23 @@ def estimate_md(
 
 
 def submit_finetune(
-    runner: JobRunner,
-    owner: str | None,
-    dataset_dir: str,
-    base_model: str,
-    method: str,
-    lora_r: float,
-    lora_alpha: float,
-    epochs: float,
-    max_steps: float,
-    learning_rate: float,
-    batch_size: float,
-    max_seq_len: float,
-    checkpointing: bool,
-    *advanced_values: Any,
+    runner: JobRunner, owner: str | None, *, dataset_dir: str | None = None, **fields: Any
 ) -> tuple[str, str]:
-    """Validate the form and queue a finetune run."""
+    """Validate the form (values by FinetuneConfig field name) and queue a finetune run; a field
+    left empty keeps the config's default."""
     if not dataset_dir:
         raise gr.Error("Pick a dataset (import one in the Data tab first).")
-    names = forms.form_fields(FinetuneConfig, exclude=HAND_LAID)
+    values = forms.config_values(FinetuneConfig, fields)
+    values["base_model"] = (values.get("base_model") or "bundled").strip()
     try:
-        config = FinetuneConfig(
-            dataset_dir=dataset_dir,
-            base_model=(base_model or "bundled").strip(),
-            method=method or "lora",
-            lora_r=int(lora_r),
-            lora_alpha=int(lora_alpha),
-            epochs=float(epochs),
-            max_steps=int(max_steps or 0),
-            learning_rate=float(learning_rate),
-            batch_size=int(batch_size),
-            max_seq_len=int(max_seq_len),
-            gradient_checkpointing=bool(checkpointing),
-            **forms.values_to_kwargs(FinetuneConfig, names, advanced_values),
-        )
+        config = FinetuneConfig(**values, dataset_dir=dataset_dir)
     except (ValueError, TypeError) as e:
         raise gr.Error(f"Can't start: {e}") from e
-    name = f"{config.method} {Path(dataset_dir).parent.parent.name} on {_short(config.base_model)}"
+    data = store.run_of_path(runner.home, dataset_dir) or Path(dataset_dir).name
+    name = f"{config.method} {data} on {_short(config.base_model)}"
     run_id = runner.submit("finetune", config, name=name, owner=owner)
     return run_id, *runs_tab.run_status(runner.home, run_id, owner)[:1]
 
 
 def _short(spec: str) -> str:
     return "bundled SmolLM2" if spec in ("", "bundled") else Path(spec).name or spec
-
-
-def gpu_free_bytes() -> int | None:
-    """Free memory of the first GPU from nvidia-smi (the web process does not load torch)."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout
-        return int(out.split()[0]) * 2**20
-    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-        return None

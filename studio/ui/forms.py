@@ -72,3 +72,21 @@ def values_to_kwargs(
             value = float(value)
         kwargs[name] = value
     return kwargs
+
+
+def config_values(config_cls: type, named: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The values in `named` (form values by name) that set a field of `config_cls` (named
+    `prefix + field`), typed as the field is; an empty value is left out, so the config's own
+    default applies."""
+    hints = typing.get_type_hints(config_cls)
+    out = {}
+    for f in dataclasses.fields(config_cls):
+        value = named.get(prefix + f.name)
+        if value is None or (value == "" and hints[f.name] is not str):
+            continue
+        if hints[f.name] is int:
+            value = int(value)
+        elif hints[f.name] is float:
+            value = float(value)
+        out[f.name] = value
+    return out

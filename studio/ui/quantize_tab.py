@@ -10,6 +10,7 @@ from typing import Any
 
 import gradio as gr
 
+from pipelines.lib.hardware import gpu_free_bytes
 from pipelines.lib.tasks import PRESETS
 from pipelines.quantize import SUPPORTED, QuantizeConfig, proposal
 from studio import store
@@ -17,7 +18,7 @@ from studio.jobs import JobRunner, config_of
 from studio.store import RunStatus
 from studio.ui import forms, runs_tab, session, views
 from studio.ui.distill_tab import answer_length
-from studio.ui.finetune_tab import dataset_choices, gpu_free_bytes, model_choices
+from studio.ui.finetune_tab import dataset_choices, model_choices
 
 HAND_LAID = (
     "model",

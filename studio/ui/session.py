@@ -66,36 +66,43 @@ def _named(handler: Callable[..., Any], fn: Callable[..., Any]) -> Callable[...,
 
 
 def with_request(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A Gradio handler calling fn(request, *inputs) (Gradio passes the request only to a
-    function whose parameter is annotated gr.Request: not to a lambda or a partial)."""
+    """A Gradio handler calling fn(request, *inputs, **named) (Gradio passes the request only
+    to a function whose parameter is annotated gr.Request: not to a lambda or a partial).
+    `named` are an event's `inputs_kwargs`: form values by field name."""
 
-    def handler(request: gr.Request, *inputs: Any) -> Any:
-        return fn(request, *inputs)
+    def handler(request: gr.Request, *inputs: Any, **named: Any) -> Any:
+        return fn(request, *inputs, **named)
 
     return _named(handler, fn)
 
 
 def for_viewer(limits: Limits | None, fn: Callable[..., Any]) -> Callable[..., Any]:
     """A Gradio handler that reads (a list, a poll): fn(owner, *inputs) with the viewer."""
-    return _named(with_request(lambda request, *inputs: fn(viewer(limits, request), *inputs)), fn)
+    return _named(
+        with_request(
+            lambda request, *inputs, **named: fn(viewer(limits, request), *inputs, **named)
+        ),
+        fn,
+    )
 
 
 def for_user(limits: Limits | None, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A Gradio handler that acts (submit, cancel, serve): fn(owner, *inputs); a hosted
-    studio's visitor must have signed in, and a limit reached is shown as the error it is."""
+    """A Gradio handler that acts (submit, cancel, serve): fn(owner, *inputs, **named); a
+    hosted studio's visitor must have signed in, and a limit reached is shown as the error it
+    is."""
     if inspect.isgeneratorfunction(getattr(fn, "func", fn)):  # a streamed reply
 
-        def handler(request: gr.Request, *inputs: Any) -> Any:
+        def handler(request: gr.Request, *inputs: Any, **named: Any) -> Any:
             try:
-                yield from fn(actor(limits, request), *inputs)
+                yield from fn(actor(limits, request), *inputs, **named)
             except (LimitReached, PermissionError) as e:
                 raise gr.Error(str(e)) from e
 
     else:
 
-        def handler(request: gr.Request, *inputs: Any) -> Any:
+        def handler(request: gr.Request, *inputs: Any, **named: Any) -> Any:
             try:
-                return fn(actor(limits, request), *inputs)
+                return fn(actor(limits, request), *inputs, **named)
             except (LimitReached, PermissionError) as e:
                 raise gr.Error(str(e)) from e
 

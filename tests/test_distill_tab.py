@@ -7,7 +7,7 @@ import pytest
 
 from studio import store
 from studio.jobs import JobRunner
-from studio.ui import distill_tab, views
+from studio.ui import choices, distill_tab, views
 from tests.openai_server import FakeOpenAI
 from tests.test_deploy import _assert_secret_nowhere
 from tests.test_distill import label_of
@@ -81,7 +81,7 @@ def test_chain_from_the_form_with_a_local_teacher(home, tiny_lm, tiny_dataset):
     tuned = json.loads(rows["finetune"]["summary_json"])
     assert tuned["distillation"].startswith("logits") and tuned["pruned_from_layers"] == 2
     assert "succeeded" in distill_tab.chain_md(home, runs)
-    assert runs["evaluate"] in [value for _, value in distill_tab.report_choices(home)]
+    assert runs["evaluate"] in [value for _, value in choices.reports(home)]
     text, bars, samples = distill_tab.report_view(home, runs["evaluate"])
     assert "of the teacher's quality" in text and len(bars) == 4 and len(samples) == 3
     assert "student base" in text  # the untrained pruned copy is measured too

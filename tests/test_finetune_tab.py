@@ -5,7 +5,7 @@ import pytest
 
 from pipelines.finetune import FinetuneConfig
 from studio import store
-from studio.ui import finetune_tab, forms
+from studio.ui import choices, finetune_tab, forms
 
 
 def test_start_finetuning_from_the_tab(home, runner, tiny_lm, tiny_dataset):
@@ -32,7 +32,7 @@ def test_start_finetuning_from_the_tab(home, runner, tiny_lm, tiny_dataset):
     listing = finetune_tab.models_md(home)
     assert f"**Base {tiny_lm.name}**" in listing
     assert "adapter **adapter**" in listing and "model **merged**" in listing
-    labels = [label for label, _ in finetune_tab.model_choices(home)]
+    labels = [label for label, _ in choices.models(home)]
     assert labels[0].endswith("(bundled)") and any("merged" in x for x in labels)
     with pytest.raises(gr.Error, match="Pick a dataset"):
         finetune_tab.submit_finetune(runner, None, dataset_dir="", **form)

@@ -16,7 +16,7 @@ from studio import deploy, quickstart, store
 from studio.jobs import JobRunner
 from studio.quota import LimitReached
 from studio.settings import Limits, Settings, child_environ, parse_users
-from studio.ui import app, data_tab, deploy_tab, finetune_tab, runs_tab, session
+from studio.ui import app, choices, deploy_tab, finetune_tab, runs_tab, session
 from tests.test_deploy import TOKEN, _assert_secret_nowhere, hub  # noqa: F401 - a fixture
 from tests.test_ui import _import
 
@@ -142,7 +142,7 @@ def test_servers_are_per_user_and_limited(made_onnx, home, hosted):
         with pytest.raises(deploy.DeployError, match="allows 1 per user: stop one"):
             deploy.start_server(home, models, owner="alice", limits=hosted)
         assert deploy.refresh(home, "bob") == []
-        assert deploy_tab.server_choices(home, "bob") == []
+        assert choices.servers(home, "bob") == []
         assert not deploy.stop_server(home, server_id, "bob")
         assert [r["id"] for r in deploy.refresh(home, "alice")] == [server_id]
     finally:
@@ -196,4 +196,4 @@ def test_a_hosted_studio_needs_a_way_to_sign_in(home, monkeypatch):
         with pytest.raises(ValueError, match="name:password"):
             parse_users(text)
     assert parse_users(" alice:p:w , bob:x") == {"alice": "p:w", "bob": "x"}
-    assert data_tab.dataset_choices(home, session.NOBODY) == []
+    assert choices.datasets(home, session.NOBODY) == []

@@ -6,16 +6,9 @@ import json
 import gradio as gr
 import pytest
 
-from pipelines.quantize import QuantizeConfig
 from studio import store
 from studio.jobs import JobRunner
-from studio.ui import forms, quantize_tab, views
-
-
-def settings(**changes):
-    """The settings accordion's values in form order, with some changed."""
-    names = forms.form_fields(QuantizeConfig, exclude=quantize_tab._others())
-    return [changes.get(n, forms.field_kwargs(QuantizeConfig, n)["value"]) for n in names]
+from studio.ui import quantize_tab, views
 
 
 def test_precisions_follow_the_target():
@@ -31,18 +24,15 @@ def test_quantize_from_the_form(home, bpe_lm):
     runner = JobRunner(home, inline=True)
     assert "None yet" in quantize_tab.quantized_md(home)
     run_id, status = quantize_tab.submit_quantize(
-        runner, None,
-        str(bpe_lm),
-        "cpu",
-        "int8",
-        "onnx",
-        "",
-        "conversation",
-        101,
-        2,
-        50,
-        *settings(max_rows=2, max_new_tokens=4),
-    )  # fmt: skip
+        runner,
+        None,
+        model=str(bpe_lm),
+        precision="int8",
+        dataset_dir="",
+        min_quality_pct=101,
+        max_rows=2,
+        max_new_tokens=4,
+    )
     # no model keeps 101% of its quality: the gate fails
     with store.connect(home) as db:
         row = store.get_run(db, run_id)
@@ -72,14 +62,8 @@ def test_quantize_from_the_form(home, bpe_lm):
 def test_form_mistakes_are_refused(home):
     runner = JobRunner(home, inline=True)
     with pytest.raises(gr.Error, match="block_size"):
-        quantize_tab.submit_quantize(
-            runner, None, "bundled", "cpu", "int4", "onnx", "", "conversation", 95, 2, 50,
-            *settings(block_size=48),
-        )  # fmt: skip
+        quantize_tab.submit_quantize(runner, None, model="bundled", block_size=48)
     with pytest.raises(gr.Error, match="NVIDIA GPU"):
-        quantize_tab.submit_quantize(
-            runner, None, "bundled", "cuda", "int4", "bitsandbytes", "", "conversation", 95, 2, 50,
-            *settings(),
-        )  # fmt: skip
+        quantize_tab.submit_quantize(runner, None, execution_provider="cuda", format="bitsandbytes")
     with store.connect(home) as db:
         assert store.list_runs(db) == []

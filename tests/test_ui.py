@@ -68,9 +68,10 @@ def test_import_from_the_tab_runs_and_shows_the_report(home, runner, settings, t
     assert run_id in status
     header, report, choices = data_tab.refresh_import(home, None, run_id)
     assert "succeeded" in header and "360" in report and "rows read" in report
-    [(label, artifact_id)] = choices["choices"]
+    [(label, folder)] = choices["choices"]
     assert label.startswith("support · 360 rows")
-    info, page = data_tab.show_dataset(home, None, artifact_id, "validation", 2)
+    info, page = data_tab.show_dataset(home, None, folder, "validation", 2)
+    assert data_tab.show_dataset(home, "mallory", folder, "train", 1)[0].startswith("Dataset not")
     assert "page 2 of 4" in info and page[0][0] == 11
     with store.connect(home) as db:  # the run reads its own copy of the upload
         config = json.loads(store.get_run(db, run_id)["config_json"])

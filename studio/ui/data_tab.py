@@ -18,7 +18,7 @@ from pipelines.reports import for_step
 from studio import store
 from studio.jobs import JobRunner
 from studio.settings import Settings
-from studio.ui import forms, runs_tab, session, views
+from studio.ui import choices, forms, runs_tab, session, views
 
 MAPPING_ROLES = ("messages", "prompt", "input", "response", "text", "label", "system")
 ROLE_LABELS = {
@@ -112,7 +112,7 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
     with gr.Row():
         chosen = gr.Dropdown(
             label="Dataset",
-            choices=dataset_choices(home, session.page_owner(runner.limits)),
+            choices=choices.datasets(home, session.page_owner(runner.limits)),
             value=None,
             scale=3,
             elem_id="data-chosen",
@@ -162,10 +162,7 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
         inputs=[import_run],
         outputs=[import_status, import_report, chosen],
     )
-    chosen.focus(
-        session.for_viewer(limits, lambda owner: gr.update(choices=dataset_choices(home, owner))),
-        outputs=[chosen],
-    )
+    choices.fill_on_focus(chosen, choices.datasets, home, limits)
     for control in (chosen, split, page):
         control.change(
             session.for_viewer(limits, functools.partial(show_dataset, home)),
@@ -281,38 +278,18 @@ def refresh_import(home: Path, owner: str | None, run_id: str) -> tuple:
     """Poll the import run: progress bar while it works, the report when it ends."""
     header, report = runs_tab.run_status(home, run_id, owner)
     done = bool(report) and "rows read" in report
-    return header, report, gr.update(choices=dataset_choices(home, owner)) if done else gr.skip()
-
-
-def dataset_choices(home: Path, owner: str | None = None) -> list[tuple[str, int]]:
-    """(label, artifact id) of every imported dataset (the owner's, when given), newest first."""
-    with store.connect(home) as db:
-        rows = store.artifacts(db, kind="dataset", owner=owner)
-    choices = []
-    for a in rows:
-        meta = json.loads(a["meta_json"] or "{}")
-        choices.append(
-            (
-                f"{a['name']} · {meta.get('rows', '?')} rows · {a['created_at'][:16]} "
-                f"· run {a['run_id']}",
-                a["id"],
-            )
-        )
-    return choices
+    return header, report, gr.update(choices=choices.datasets(home, owner)) if done else gr.skip()
 
 
 def show_dataset(
-    home: Path, owner: str | None, artifact_id: int | None, split: str, page: float | None
+    home: Path, owner: str | None, folder: str | None, split: str, page: float | None
 ) -> tuple[str, list]:
-    """A dataset's statistics and one page of one split."""
-    if not artifact_id:
+    """A dataset's statistics and one page of one split (only a dataset the viewer may pick)."""
+    if not folder:
         return "", []
-    with store.connect(home) as db:
-        rows = store.artifacts(db, kind="dataset", owner=owner)
-    rows = [a for a in rows if a["id"] == artifact_id]
-    if not rows:
+    if folder not in [value for _, value in choices.datasets(home, owner)]:
         return "Dataset not found (deleted?).", []
-    folder = Path(home) / rows[0]["path"]
+    folder = Path(folder)
     stats = json.loads((folder / "stats.json").read_text())
     page = max(1, int(page or 1))
     items = dataset_folder.read_split(folder, split, (page - 1) * PAGE_SIZE, PAGE_SIZE)

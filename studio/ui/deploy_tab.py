@@ -23,8 +23,7 @@ from studio.jobs import JobRunner
 from studio.quota import LimitReached
 from studio.settings import Limits
 from studio.store import RunStatus
-from studio.ui import runs_tab, session
-from studio.ui.finetune_tab import model_choices
+from studio.ui import choices, runs_tab, session
 
 SERVER_HEADERS = ["server", "models", "endpoint", "status", "pid", "started"]
 
@@ -56,7 +55,7 @@ def _serve_section(home: Path, runner: JobRunner) -> None:
     with gr.Row():
         models = gr.Dropdown(
             label="ONNX models",
-            choices=onnx_choices(home, nobody),
+            choices=choices.onnx_models(home, nobody),
             multiselect=True,
             info="Several at once share one endpoint, each under its own name.",
             elem_id="serve-models",
@@ -84,10 +83,7 @@ def _serve_section(home: Path, runner: JobRunner) -> None:
     bench_status = gr.HTML()
     bench_report = gr.Markdown(elem_id="bench-report")
 
-    models.focus(
-        session.for_viewer(limits, lambda owner: gr.update(choices=onnx_choices(home, owner))),
-        outputs=[models],
-    )
+    choices.fill_on_focus(models, choices.onnx_models, home, limits)
     start.click(
         session.for_user(limits, functools.partial(start_serving, home, limits)),
         inputs=[models, port, key],
@@ -122,20 +118,6 @@ def _serve_section(home: Path, runner: JobRunner) -> None:
     )
 
 
-def onnx_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
-    """(label, folder) of every ONNX model made here (the owner's, when given), newest first."""
-    with store.connect(home) as db:
-        rows = store.artifacts(db, kind="onnx", owner=owner)
-    return [
-        (
-            f"{a['name']} · run {a['run_id']} · "
-            f"{json.loads(a['meta_json'] or '{}').get('verdict') or 'no gate'}",
-            str(Path(home) / a["path"]),
-        )
-        for a in rows
-    ]
-
-
 def start_serving(
     home: Path,
     limits: Limits | None,
@@ -160,7 +142,7 @@ def start_serving(
     except DeployError as e:
         raise gr.Error(str(e)) from e
     gr.Info(f"Starting server {server_id}; it shows 'serving' in a few seconds.")
-    return gr.update(choices=server_choices(home, owner), value=server_id)
+    return gr.update(choices=choices.servers(home, owner), value=server_id)
 
 
 def stop_serving(home: Path, owner: str | None, server_id: Any) -> Any:
@@ -169,15 +151,15 @@ def stop_serving(home: Path, owner: str | None, server_id: Any) -> Any:
     if not deploy.stop_server(home, int(server_id), owner):
         raise gr.Error(f"Server {server_id} is not running.")
     gr.Info(f"Server {server_id} stopped.")
-    return gr.update(choices=server_choices(home, owner), value=None)
+    return gr.update(choices=choices.servers(home, owner), value=None)
 
 
 def serve_status(home: Path, server_id: Any, owner: str | None = None) -> tuple[Any, Any, str]:
     """The servers table, the live servers to pick from (dropping a stopped choice), snippets."""
     table = servers_table(home, owner)
-    choices = server_choices(home, owner)
-    live = server_id in [value for _, value in choices]
-    picked = gr.update(choices=choices, value=server_id if live else None)
+    live_servers = choices.servers(home, owner)
+    live = server_id in [value for _, value in live_servers]
+    picked = gr.update(choices=live_servers, value=server_id if live else None)
     return table, picked, server_snippets(home, server_id if live else None, owner)
 
 
@@ -193,12 +175,6 @@ def servers_table(home: Path, owner: str | None = None) -> list[list[Any]]:
         ]
         for r in deploy.refresh(home, owner)
     ]
-
-
-def server_choices(home: Path, owner: str | None = None) -> list[tuple[str, int]]:
-    with store.connect(home) as db:
-        rows = store.servers(db, live_only=True, owner=owner)
-    return [(f"{r['id']}: {', '.join(r['models'])} on port {r['port']}", r["id"]) for r in rows]
 
 
 def server_snippets(home: Path, server_id: Any, owner: str | None = None) -> str:
@@ -262,14 +238,14 @@ def _playground_section(home: Path, chat: ChatClient, limits: Limits | None) -> 
     with gr.Row():
         model_a = gr.Dropdown(
             label="Model A",
-            choices=playground_choices(home, nobody),
+            choices=choices.playground_models(home, nobody),
             value="bundled",
             allow_custom_value=True,
             elem_id="chat-a",
         )
         model_b = gr.Dropdown(
             label="Model B (optional)",
-            choices=["", *playground_choices(home, nobody)],
+            choices=["", *choices.playground_models(home, nobody)],
             value="",
             allow_custom_value=True,
             elem_id="chat-b",
@@ -292,7 +268,7 @@ def _playground_section(home: Path, chat: ChatClient, limits: Limits | None) -> 
             session.for_viewer(
                 limits,
                 lambda owner, optional=optional: gr.update(
-                    choices=([""] if optional else []) + playground_choices(home, owner)
+                    choices=([""] if optional else []) + choices.playground_models(home, owner)
                 ),
             ),
             outputs=[dropdown],
@@ -315,11 +291,6 @@ def _playground_section(home: Path, chat: ChatClient, limits: Limits | None) -> 
     )
     clear.click(lambda: ([], [], ""), outputs=[chat_a, chat_b, message])
     return model_a
-
-
-def playground_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
-    onnx = [(f"onnx {label}", path) for label, path in onnx_choices(home, owner)]
-    return model_choices(home, owner) + onnx
 
 
 def chat_turn(
@@ -421,7 +392,10 @@ def _foundry_section(home: Path, runner: JobRunner) -> None:
     )
     with gr.Row():
         model = gr.Dropdown(
-            label="ONNX model", choices=onnx_choices(home, nobody), elem_id="foundry-model", scale=3
+            label="ONNX model",
+            choices=choices.onnx_models(home, nobody),
+            elem_id="foundry-model",
+            scale=3,
         )
         name = gr.Textbox(label="Model name", info="Empty: from the model's name.")
     build = gr.Button("Build the package", variant="primary", elem_id="foundry-build")
@@ -429,10 +403,7 @@ def _foundry_section(home: Path, runner: JobRunner) -> None:
     status = gr.HTML()
     report = gr.Markdown(elem_id="foundry-report")
     download = gr.File(label="Package (zip)", elem_id="foundry-zip", interactive=False)
-    model.focus(
-        session.for_viewer(limits, lambda owner: gr.update(choices=onnx_choices(home, owner))),
-        outputs=[model],
-    )
+    choices.fill_on_focus(model, choices.onnx_models, home, limits)
     build.click(
         session.for_user(limits, functools.partial(submit_foundry, runner)),
         inputs=[model, name],
@@ -500,7 +471,10 @@ def _hub_section(home: Path, runner: JobRunner) -> None:
     )
     with gr.Row():
         artifact = gr.Dropdown(
-            label="Artifact", choices=publish_choices(home, nobody), elem_id="hub-artifact", scale=3
+            label="Artifact",
+            choices=choices.publishable(home, nobody),
+            elem_id="hub-artifact",
+            scale=3,
         )
         repo_id = gr.Textbox(
             label="Repo id", placeholder="your-name/my-small-model", elem_id="hub-repo"
@@ -522,10 +496,7 @@ def _hub_section(home: Path, runner: JobRunner) -> None:
     status = gr.HTML()
     report = gr.Markdown(elem_id="hub-report")
     card = gr.Markdown(elem_id="hub-card")
-    artifact.focus(
-        session.for_viewer(limits, lambda owner: gr.update(choices=publish_choices(home, owner))),
-        outputs=[artifact],
-    )
+    choices.fill_on_focus(artifact, choices.publishable, home, limits)
     preview.click(
         session.for_user(limits, functools.partial(preview_card, home)),
         inputs=[artifact, repo_id, license_],
@@ -542,18 +513,6 @@ def _hub_section(home: Path, runner: JobRunner) -> None:
         inputs=[run_id],
         outputs=[status, report],
     )
-
-
-def publish_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
-    with store.connect(home) as db:
-        rows = [
-            a
-            for a in store.artifacts(db, owner=owner)
-            if a["kind"] in ("dataset", "adapter", "model", "onnx")
-        ]
-    return [
-        (f"{a['kind']} {a['name']} · run {a['run_id']}", str(Path(home) / a["path"])) for a in rows
-    ]
 
 
 def preview_card(home: Path, owner: str | None, path: str, repo_id: str, license_: str) -> str:

@@ -24,9 +24,7 @@ from studio import distill, quota, store
 from studio.jobs import JobRunner
 from studio.quota import LimitReached
 from studio.settings import Limits
-from studio.store import RunStatus
-from studio.ui import forms, session
-from studio.ui.finetune_tab import dataset_choices, model_choices
+from studio.ui import choices, forms, session
 
 PRUNED = "pruned"
 TEACHER_ADVANCED = (
@@ -80,11 +78,8 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     info_inputs = [form[n] for n in info] + [form["finetune_batch_size"], form["logits"]]
     for control in info_inputs:
         control.change(lambda *v: student_md(*v), inputs=info_inputs, outputs=[student_info])
-    for name, choices in (("dataset_dir", dataset_choices), ("teacher", model_choices)):
-        form[name].focus(
-            session.for_viewer(limits, lambda owner, c=choices: gr.update(choices=c(home, owner))),
-            outputs=[form[name]],
-        )
+    choices.fill_on_focus(form["dataset_dir"], choices.datasets, home, limits)
+    choices.fill_on_focus(form["teacher"], choices.models, home, limits)
     values = {n: c for n, c in form.items() if n not in NOT_VALUES}
     start.click(
         session.for_user(limits, functools.partial(submit_distill, runner)),
@@ -107,7 +102,7 @@ def _data_section(home: Path, nobody: str | None) -> dict[str, Any]:
     with gr.Row():
         dataset_dir = gr.Dropdown(
             label="Dataset",
-            choices=dataset_choices(home, nobody),
+            choices=choices.datasets(home, nobody),
             info="Imported in the Data tab.",
             elem_id="distill-dataset",
         )
@@ -144,7 +139,7 @@ def _teacher_section(home: Path, limits: Limits | None, nobody: str | None) -> d
         )
         teacher = gr.Dropdown(
             label="Teacher model",
-            choices=model_choices(home, nobody),
+            choices=choices.models(home, nobody),
             value="bundled",
             allow_custom_value=True,
             info="Local: a model made here, a folder or a Hub id. Endpoint: the model name.",
@@ -185,7 +180,7 @@ def _student_section(home: Path, limits: Limits | None, nobody: str | None) -> d
     with gr.Row():
         student = gr.Dropdown(
             label="Student",
-            choices=[("Pruned copy of the teacher", PRUNED), *model_choices(home, nobody)],
+            choices=[("Pruned copy of the teacher", PRUNED), *choices.models(home, nobody)],
             value=PRUNED,
             allow_custom_value=True,
             info="A pruned copy shares the teacher's tokenizer (so it can learn its logits).",
@@ -243,7 +238,7 @@ def _student_section(home: Path, limits: Limits | None, nobody: str | None) -> d
 
 def _reports_section(home: Path, limits: Limits | None, nobody: str | None) -> None:
     gr.Markdown("### Reports")
-    reports = report_choices(home, nobody)
+    reports = choices.reports(home, nobody)
     latest = reports[0][1] if reports else None
     shown = report_view(home, latest, nobody)  # the newest report is on screen from the start
     with gr.Row():
@@ -260,10 +255,7 @@ def _reports_section(home: Path, limits: Limits | None, nobody: str | None) -> N
         height=260,
     )
     samples = gr.Dataframe(shown[2], label="Answers side by side", wrap=True, interactive=False)
-    report_run.focus(
-        session.for_viewer(limits, lambda owner: gr.update(choices=report_choices(home, owner))),
-        outputs=[report_run],
-    )
+    choices.fill_on_focus(report_run, choices.reports, home, limits)
     report_run.change(
         session.for_viewer(limits, lambda owner, r: show_report(home, r, owner)),
         inputs=[report_run],
@@ -458,13 +450,6 @@ def chain_md(home: Path, runs: dict[str, str], owner: str | None = None) -> str:
                 f"{row['error'] or row['message'] or ''}"
             )
     return "\n".join(lines) + "\n\nThe Runs tab has each run's curves and log."
-
-
-def report_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
-    """Finished evaluations, newest first."""
-    with store.connect(home) as db:
-        rows = store.list_runs(db, step="evaluate", status=RunStatus.SUCCEEDED, owner=owner)
-    return [(f"{r['name'] or r['id']} · {r['id']}", r["id"]) for r in rows]
 
 
 def show_report(home: Path, run_id: str, owner: str | None = None) -> tuple[str, Any, pd.DataFrame]:

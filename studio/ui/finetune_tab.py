@@ -17,7 +17,7 @@ from pipelines.lib.models import model_arch
 from studio import store
 from studio.jobs import JobRunner
 from studio.settings import Limits
-from studio.ui import forms, runs_tab, session
+from studio.ui import choices, forms, runs_tab, session
 
 HAND_LAID = (
     "dataset_dir",
@@ -64,11 +64,8 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     fields = [form[n] for n in (*sizing, "gradient_checkpointing")]
     for control in fields:
         control.change(lambda *v: estimate_md(*v), inputs=fields, outputs=[estimate])
-    for name in ("dataset_dir", "base_model"):
-        form[name].focus(
-            session.for_viewer(limits, _refresh_choices(home, name == "dataset_dir")),
-            outputs=[form[name]],
-        )
+    choices.fill_on_focus(form["dataset_dir"], choices.datasets, home, limits)
+    choices.fill_on_focus(form["base_model"], choices.models, home, limits)
     start.click(
         session.for_user(limits, functools.partial(submit_finetune, runner)),
         inputs_kwargs=form,
@@ -90,14 +87,14 @@ def _main_fields(home: Path, limits: Limits | None, nobody: str | None) -> dict[
         form = {
             "dataset_dir": gr.Dropdown(
                 label="Dataset",
-                choices=dataset_choices(home, nobody),
+                choices=choices.datasets(home, nobody),
                 value=None,
                 info="Imported in the Data tab.",
                 elem_id="ft-dataset",
             ),
             "base_model": gr.Dropdown(
                 label="Base model",
-                choices=model_choices(home, nobody),
+                choices=choices.models(home, nobody),
                 value="bundled",
                 allow_custom_value=True,
                 elem_id="ft-base",
@@ -128,46 +125,6 @@ def _kwargs(name: str) -> dict[str, Any]:
     return forms.field_kwargs(FinetuneConfig, name)
 
 
-def _refresh_choices(home: Path, datasets: bool):
-    def refresh(owner: str | None):
-        choices = dataset_choices(home, owner) if datasets else model_choices(home, owner)
-        return gr.update(choices=choices)
-
-    return refresh
-
-
-def dataset_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
-    """(label, folder) of every imported dataset (the owner's, when given)."""
-    with store.connect(home) as db:
-        rows = store.artifacts(db, kind="dataset", owner=owner)
-    return [
-        (
-            f"{a['name']} · {json.loads(a['meta_json'] or '{}').get('rows', '?')} rows · "
-            f"run {a['run_id']}",
-            str(Path(home) / a["path"]),
-        )
-        for a in rows
-    ]
-
-
-def model_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
-    """The bundled model, then every model and adapter made here (newest first)."""
-    choices = [("SmolLM2-135M-Instruct (bundled)", "bundled")]
-    with store.connect(home) as db:
-        rows = store.artifacts(db, kind="model", owner=owner)
-        rows += store.artifacts(db, kind="adapter", owner=owner)
-    for a in sorted(rows, key=lambda a: a["id"], reverse=True):
-        meta = json.loads(a["meta_json"] or "{}")
-        choices.append(
-            (
-                f"{a['kind']} {a['name']} · run {a['run_id']} · "
-                f"{meta.get('method', '')} on {_short(meta.get('base_model', ''))}",
-                str(Path(home) / a["path"]),
-            )
-        )
-    return choices
-
-
 def models_md(home: Path, owner: str | None = None) -> str:
     """Adapters and merged models grouped by their base model."""
     with store.connect(home) as db:
@@ -179,7 +136,7 @@ def models_md(home: Path, owner: str | None = None) -> str:
     for a in sorted(rows, key=lambda a: a["id"]):
         meta = json.loads(a["meta_json"] or "{}")
         loss = meta.get("eval_loss")
-        groups.setdefault(_short(meta.get("base_model", "?")), []).append(
+        groups.setdefault(choices.short_model(meta.get("base_model", "?")), []).append(
             f"- {a['kind']} **{a['name']}** (run `{a['run_id']}`, {meta.get('method', '')}"
             + (f", r {meta['lora_r']}" if "lora_r" in meta and meta.get("method") != "full" else "")
             + (f", validation loss {loss:.3f}" if loss is not None else "")
@@ -236,10 +193,6 @@ def submit_finetune(
     except (ValueError, TypeError) as e:
         raise gr.Error(f"Can't start: {e}") from e
     data = store.run_of_path(runner.home, dataset_dir) or Path(dataset_dir).name
-    name = f"{config.method} {data} on {_short(config.base_model)}"
+    name = f"{config.method} {data} on {choices.short_model(config.base_model)}"
     run_id = runner.submit("finetune", config, name=name, owner=owner)
     return run_id, *runs_tab.run_status(runner.home, run_id, owner)[:1]
-
-
-def _short(spec: str) -> str:
-    return "bundled SmolLM2" if spec in ("", "bundled") else Path(spec).name or spec

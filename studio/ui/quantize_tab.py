@@ -16,9 +16,8 @@ from pipelines.quantize import SUPPORTED, QuantizeConfig, proposal
 from studio import store
 from studio.jobs import JobRunner, config_of
 from studio.store import RunStatus
-from studio.ui import forms, runs_tab, session, views
+from studio.ui import choices, forms, runs_tab, session, views
 from studio.ui.distill_tab import answer_length
-from studio.ui.finetune_tab import dataset_choices, model_choices
 
 HAND_LAID = (
     "model",
@@ -59,45 +58,9 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         "source and the quantized model on the same held-out prompts and says pass or fail "
         "against your targets (and what to try next)."
     )
-    with gr.Row():
-        model = gr.Dropdown(
-            label="Model",
-            choices=model_choices(home, nobody),
-            value="bundled",
-            allow_custom_value=True,
-            elem_id="q-model",
-            info="The bundled model, a merged student, a finetuned model or an adapter "
-            "(merged first), or a folder.",
-        )
-        target = gr.Radio(label="Target", choices=TARGETS, value="cpu", elem_id="q-target")
-        precision = gr.Radio(
-            label="Precision",
-            choices=list(SUPPORTED["cpu"]),
-            value="int4",
-            elem_id="q-precision",
-            info="fp16/bf16 are offered for GPUs only: a CPU runs them slower than fp32.",
-        )
-        fmt = gr.Radio(**_kwargs("format"), choices=["onnx", "bitsandbytes"])
-    with gr.Row():
-        dataset_dir = gr.Dropdown(
-            label="Held-out prompts",
-            choices=prompt_choices(home, nobody),
-            value="",
-            elem_id="q-dataset",
-            info="A dataset's test rows (with its task's metric), or the built-in prompts.",
-        )
-        task = gr.Dropdown(
-            label="Task",
-            choices=[(p["label"], name) for name, p in PRESETS.items()],
-            value="conversation",
-            info="Only with a dataset: sets the prompts and the metric.",
-        )
-    with gr.Row():
-        min_quality = gr.Number(**_kwargs("min_quality_pct"))
-        min_speedup = gr.Number(**_kwargs("min_speedup"))
-        min_memory = gr.Number(**_kwargs("min_memory_saved_pct"))
+    form = _main_fields(home, nobody)
     with gr.Accordion("Quantization and gate settings", open=False):
-        settings = forms.build_form(QuantizeConfig, exclude=_others())
+        form |= forms.build_form(QuantizeConfig, exclude=_others())
     start = gr.Button("Quantize", variant="primary", elem_id="q-start")
     run_id = gr.State("")
     status = gr.HTML(elem_id="q-status")
@@ -106,27 +69,14 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     gr.Markdown("### Quantized models")
     made = gr.Markdown(quantized_md(home, nobody), elem_id="q-models")
 
+    target, precision = form["execution_provider"], form["precision"]
     target.change(precision_choices, inputs=[target, precision], outputs=[precision])
-    task.change(gate_answer_length, inputs=[task], outputs=[settings["max_new_tokens"]])
-    for dropdown, choices in ((model, model_choices), (dataset_dir, prompt_choices)):
-        dropdown.focus(
-            session.for_viewer(limits, lambda owner, c=choices: gr.update(choices=c(home, owner))),
-            outputs=[dropdown],
-        )
+    form["task"].change(gate_answer_length, inputs=[form["task"]], outputs=[form["max_new_tokens"]])
+    choices.fill_on_focus(form["model"], choices.models, home, limits)
+    choices.fill_on_focus(form["dataset_dir"], choices.gate_prompts, home, limits)
     start.click(
         session.for_user(limits, functools.partial(submit_quantize, runner)),
-        inputs=[
-            model,
-            target,
-            precision,
-            fmt,
-            dataset_dir,
-            task,
-            min_quality,
-            min_speedup,
-            min_memory,
-            *settings.values(),
-        ],
+        inputs_kwargs=form,
         outputs=[run_id, status],
     )
     retry.click(
@@ -149,6 +99,51 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     )
 
 
+def _main_fields(home: Path, nobody: str | None) -> dict[str, Any]:
+    """The fields laid out by hand, by QuantizeConfig field name."""
+    with gr.Row():
+        form = {
+            "model": gr.Dropdown(
+                label="Model",
+                choices=choices.models(home, nobody),
+                value="bundled",
+                allow_custom_value=True,
+                elem_id="q-model",
+                info="The bundled model, a merged student, a finetuned model or an adapter "
+                "(merged first), or a folder.",
+            ),
+            "execution_provider": gr.Radio(
+                label="Target", choices=TARGETS, value="cpu", elem_id="q-target"
+            ),
+            "precision": gr.Radio(
+                label="Precision",
+                choices=list(SUPPORTED["cpu"]),
+                value="int4",
+                elem_id="q-precision",
+                info="fp16/bf16 are offered for GPUs only: a CPU runs them slower than fp32.",
+            ),
+            "format": gr.Radio(**_kwargs("format"), choices=["onnx", "bitsandbytes"]),
+        }
+    with gr.Row():
+        form["dataset_dir"] = gr.Dropdown(
+            label="Held-out prompts",
+            choices=choices.gate_prompts(home, nobody),
+            value="",
+            elem_id="q-dataset",
+            info="A dataset's test rows (with its task's metric), or the built-in prompts.",
+        )
+        form["task"] = gr.Dropdown(
+            label="Task",
+            choices=[(p["label"], name) for name, p in PRESETS.items()],
+            value="conversation",
+            info="Only with a dataset: sets the prompts and the metric.",
+        )
+    with gr.Row():
+        for name in ("min_quality_pct", "min_speedup", "min_memory_saved_pct"):
+            form[name] = gr.Number(**_kwargs(name))
+    return form
+
+
 def _others() -> list[str]:
     return [f for f in forms.form_fields(QuantizeConfig) if f not in SETTINGS]
 
@@ -168,39 +163,15 @@ def precision_choices(target: str, current: str):
     return gr.update(choices=choices, value=current if current in choices else choices[0])
 
 
-def prompt_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
-    return [("12 built-in general prompts", ""), *dataset_choices(home, owner)]
-
-
-def submit_quantize(
-    runner: JobRunner,
-    owner: str | None,
-    model: str,
-    target: str,
-    precision: str,
-    fmt: str,
-    dataset_dir: str,
-    task: str,
-    min_quality: float,
-    min_speedup: float,
-    min_memory: float,
-    *settings: Any,
-) -> tuple[str, str]:
-    """Validate the form and queue a quantize run."""
-    names = forms.form_fields(QuantizeConfig, exclude=_others())
+def submit_quantize(runner: JobRunner, owner: str | None, **fields: Any) -> tuple[str, str]:
+    """Validate the form (values by QuantizeConfig field name) and queue a quantize run; a field
+    left empty keeps the config's default."""
+    values = forms.config_values(QuantizeConfig, fields)
+    values["model"] = (values.get("model") or "bundled").strip()
+    if not values.get("dataset_dir"):
+        values["task"] = "conversation"  # the built-in prompts are conversations
     try:
-        config = QuantizeConfig(
-            model=(model or "bundled").strip(),
-            execution_provider=target or "cpu",
-            precision=precision or "int4",
-            format=fmt or "onnx",
-            dataset_dir=dataset_dir or "",
-            task=task if dataset_dir else "conversation",
-            min_quality_pct=float(min_quality),
-            min_speedup=float(min_speedup),
-            min_memory_saved_pct=float(min_memory),
-            **forms.values_to_kwargs(QuantizeConfig, names, settings),
-        )
+        config = QuantizeConfig(**values)
     except (ValueError, TypeError) as e:
         raise gr.Error(f"Can't start: {e}") from e
     if config.format == "bitsandbytes" and gpu_free_bytes() is None:

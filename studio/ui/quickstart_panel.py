@@ -15,8 +15,7 @@ from studio import deploy, quickstart
 from studio.jobs import JobRunner
 from studio.settings import Limits
 from studio.store import RunStatus
-from studio.ui import session, views
-from studio.ui.deploy_tab import playground_choices
+from studio.ui import choices, session, views
 
 SERVED_NAME = "quickstart-int4"
 
@@ -117,7 +116,7 @@ def tick(
         True,
         gr.Tabs(selected="deploy"),
         gr.Tabs(selected="deploy-playground"),
-        gr.update(choices=playground_choices(home, owner), value=str(folder)),
+        gr.update(choices=choices.playground_models(home, owner), value=str(folder)),
     )
 
 

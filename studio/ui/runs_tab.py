@@ -16,7 +16,7 @@ from studio import deploy, store
 from studio.jobs import JobRunner, resumable
 from studio.quota import LimitReached
 from studio.store import RunStatus
-from studio.ui import session, views
+from studio.ui import choices, session, views
 
 CURVES = {
     "loss": ("loss", "eval_loss", "distill_loss"),
@@ -78,7 +78,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         with gr.Tab("Compare"):
             compared = gr.Dropdown(
                 label="Runs to compare (2 to 4)",
-                choices=run_choices(home, nobody),
+                choices=choices.runs(home, nobody),
                 multiselect=True,
                 max_choices=4,
                 elem_id="compare-runs",
@@ -108,10 +108,7 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         delete,
     ]
     table.select(select_row, inputs=[table], outputs=[run_id])
-    compared.focus(
-        session.for_viewer(limits, lambda owner: gr.update(choices=run_choices(home, owner))),
-        outputs=[compared],
-    )
+    choices.fill_on_focus(compared, choices.runs, home, limits)
     for control in (compared, compared_curve):
         control.change(
             session.for_viewer(limits, lambda owner, ids, key: compare(home, ids, key, owner)),
@@ -274,12 +271,6 @@ REPORT_KEYS = (
     "steps",
     "train_seconds",
 )
-
-
-def run_choices(home: Path, owner: str | None = None) -> list[tuple[str, str]]:
-    with store.connect(home) as db:
-        rows = store.list_runs(db, limit=200, owner=owner)
-    return [(f"{r['id']} · {r['step']} · {r['name']} · {r['status']}", r["id"]) for r in rows]
 
 
 def compare(

@@ -54,6 +54,49 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
         "(chat messages, ShareGPT, Alpaca, prompt/completion, question/answer, "
         "classification or raw text) and turns every row into a chat conversation."
     )
+    form = _source_section()
+    detected, preview, mapping = _mapping_section()
+    form |= mapping
+    with gr.Row():
+        form["name"] = gr.Textbox(**forms.field_kwargs(DatasetConfig, "name"), elem_id="data-name")
+        for share in ("train_ratio", "validation_ratio", "test_ratio"):
+            form[share] = gr.Number(**forms.field_kwargs(DatasetConfig, share))
+    with gr.Accordion("Advanced", open=False):
+        form |= forms.build_form(DatasetConfig, exclude=HAND_LAID)
+    submit = gr.Button("Import dataset", variant="primary", elem_id="data-import")
+    import_run = gr.State("")
+    import_status = gr.HTML(elem_id="data-import-status")
+    import_report = gr.Markdown()
+    chosen = _browse_section(home, runner.limits)
+
+    files, roles = form["files"], [form[f"mapping_{r}"] for r in MAPPING_ROLES]
+    shown = [detected, form["shape"], *roles, form["system_prompt"], preview, form["name"]]
+    files.upload(inspect_upload, inputs=[files], outputs=shown)
+    form["sample"].click(lambda: [str(SAMPLE_DATASET)], outputs=[files]).then(
+        inspect_upload, inputs=[files], outputs=shown
+    )
+    for control in (form["shape"], *roles):
+        control.input(
+            apply_mapping,
+            inputs=[files, form["shape"], *roles, form["system_prompt"]],
+            outputs=[detected, preview],
+        )
+    limits = runner.limits
+    submit.click(
+        session.for_user(limits, functools.partial(submit_import, runner, settings)),
+        inputs_kwargs={n: c for n, c in form.items() if n != "sample"},
+        outputs=[import_run, import_status],
+    )
+    timer = gr.Timer(1.0)
+    timer.tick(
+        session.for_viewer(limits, functools.partial(refresh_import, home)),
+        inputs=[import_run],
+        outputs=[import_status, import_report, chosen],
+    )
+
+
+def _source_section() -> dict[str, Any]:
+    """Files (or the sample), or a Hub dataset."""
     with gr.Row():
         with gr.Column(scale=3):
             files = gr.File(
@@ -72,47 +115,51 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
             gr.Column(scale=2),
             gr.Accordion("…or a Hugging Face Hub dataset (online)", open=False),
         ):
-            hub_dataset = gr.Textbox(**forms.field_kwargs(DatasetConfig, "hub_dataset"))
-            hub_config = gr.Textbox(**forms.field_kwargs(DatasetConfig, "hub_config"))
-            hub_split = gr.Textbox(**forms.field_kwargs(DatasetConfig, "hub_split"))
+            hub = {
+                name: gr.Textbox(**forms.field_kwargs(DatasetConfig, name))
+                for name in ("hub_dataset", "hub_config", "hub_split")
+            }
+    return {"files": files, "sample": sample, **hub}
+
+
+def _mapping_section() -> tuple[gr.Markdown, gr.Dataframe, dict[str, Any]]:
+    """What the upload holds, how its columns are read (shape, a column per role, the system
+    prompt), and a preview of its first rows as they will be imported."""
     detected = gr.Markdown(elem_id="data-detected")
     with gr.Accordion("Column mapping", open=True):
-        shape = gr.Dropdown(
-            choices=["auto", *shapes.SHAPES],
-            value="auto",
-            label="Shape",
-            info="How rows are read; 'auto' picks it from the column names.",
-        )
+        mapping = {
+            "shape": gr.Dropdown(
+                choices=["auto", *shapes.SHAPES],
+                value="auto",
+                label="Shape",
+                info="How rows are read; 'auto' picks it from the column names.",
+            )
+        }
         with gr.Row():
-            roles = [
-                gr.Dropdown(choices=[""], value="", label=ROLE_LABELS[r], allow_custom_value=True)
-                for r in MAPPING_ROLES
-            ]
-        system_prompt = gr.Textbox(lines=2, **forms.field_kwargs(DatasetConfig, "system_prompt"))
-    preview_table = gr.Dataframe(
+            for role in MAPPING_ROLES:
+                mapping[f"mapping_{role}"] = gr.Dropdown(
+                    choices=[""], value="", label=ROLE_LABELS[role], allow_custom_value=True
+                )
+        mapping["system_prompt"] = gr.Textbox(
+            lines=2, **forms.field_kwargs(DatasetConfig, "system_prompt")
+        )
+    preview = gr.Dataframe(
         headers=TABLE_HEADERS,
         label="Preview (first rows)",
         wrap=True,
         line_breaks=True,
         interactive=False,
     )
-    with gr.Row():
-        name = gr.Textbox(**forms.field_kwargs(DatasetConfig, "name"), elem_id="data-name")
-        train = gr.Number(**forms.field_kwargs(DatasetConfig, "train_ratio"))
-        validation = gr.Number(**forms.field_kwargs(DatasetConfig, "validation_ratio"))
-        test = gr.Number(**forms.field_kwargs(DatasetConfig, "test_ratio"))
-    with gr.Accordion("Advanced", open=False):
-        advanced = forms.build_form(DatasetConfig, exclude=HAND_LAID)
-    submit = gr.Button("Import dataset", variant="primary", elem_id="data-import")
-    import_run = gr.State("")
-    import_status = gr.HTML(elem_id="data-import-status")
-    import_report = gr.Markdown()
+    return detected, preview, mapping
 
+
+def _browse_section(home: Path, limits: Any) -> gr.Dropdown:
+    """Imported datasets, page by page; returns the picker (an import refreshes it)."""
     gr.Markdown("### Imported datasets")
     with gr.Row():
         chosen = gr.Dropdown(
             label="Dataset",
-            choices=choices.datasets(home, session.page_owner(runner.limits)),
+            choices=choices.datasets(home, session.page_owner(limits)),
             value=None,
             scale=3,
             elem_id="data-chosen",
@@ -123,45 +170,6 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
     dataset_rows = gr.Dataframe(
         headers=TABLE_HEADERS, wrap=True, line_breaks=True, interactive=False
     )
-
-    mapping_outputs = [detected, shape, *roles, system_prompt, preview_table, name]
-    files.upload(inspect_upload, inputs=[files], outputs=mapping_outputs)
-    sample.click(lambda: [str(SAMPLE_DATASET)], outputs=[files]).then(
-        inspect_upload, inputs=[files], outputs=mapping_outputs
-    )
-    for control in (shape, *roles):
-        control.input(
-            apply_mapping,
-            inputs=[files, shape, *roles, system_prompt],
-            outputs=[detected, preview_table],
-        )
-
-    limits = runner.limits
-    form = {
-        "files": files,
-        "hub_dataset": hub_dataset,
-        "hub_config": hub_config,
-        "hub_split": hub_split,
-        "name": name,
-        "shape": shape,
-        "system_prompt": system_prompt,
-        "train_ratio": train,
-        "validation_ratio": validation,
-        "test_ratio": test,
-        **{f"mapping_{role}": control for role, control in zip(MAPPING_ROLES, roles)},
-        **advanced,
-    }
-    submit.click(
-        session.for_user(limits, functools.partial(submit_import, runner, settings)),
-        inputs_kwargs=form,
-        outputs=[import_run, import_status],
-    )
-    timer = gr.Timer(1.0)
-    timer.tick(
-        session.for_viewer(limits, functools.partial(refresh_import, home)),
-        inputs=[import_run],
-        outputs=[import_status, import_report, chosen],
-    )
     choices.fill_on_focus(chosen, choices.datasets, home, limits)
     for control in (chosen, split, page):
         control.change(
@@ -169,6 +177,7 @@ def build_tab(home: Path, runner: JobRunner, settings: Settings) -> None:
             inputs=[chosen, split, page],
             outputs=[dataset_info, dataset_rows],
         )
+    return chosen
 
 
 def inspect_upload(files: list[str] | str | None) -> tuple:

@@ -46,80 +46,19 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         max_height=320,
         elem_id="runs-table",
     )
-    header = gr.Markdown(elem_id="run-header")
-    progress = gr.HTML(elem_id="run-progress")
-    with gr.Row():
-        cancel = gr.Button("Cancel", size="sm", variant="stop")
-        rerun = gr.Button("Re-run", size="sm")
-        resume = gr.Button("Resume from checkpoint", size="sm")
-        delete = gr.Button("Delete", size="sm")
+    page = _run_controls()
     with gr.Tabs():
-        with gr.Tab("Report"):
-            summary = gr.Markdown(elem_id="run-summary")
-        with gr.Tab("Metrics"):
-            curve = gr.Radio(choices=list(CURVES), value="loss", label="Curve")
-            plot = gr.LinePlot(x="step", y="value", color="key", height=300, label="Metrics")
-        with gr.Tab("Log"):
-            log_box = gr.Textbox(
-                lines=14,
-                max_lines=14,
-                label="Log",
-                autoscroll=True,
-                buttons=["copy"],
-                elem_id="run-log",
-            )
-        with gr.Tab("Config"):
-            config_code = gr.Code(language="json", label="Config (JSON)", buttons=["copy"])
-            command = gr.Code(
-                language="shell", label="The same run from the command line", buttons=["copy"]
-            )
-        with gr.Tab("Artifacts & lineage"):
-            artifacts_md = gr.Markdown()
+        page |= _run_tabs()
         with gr.Tab("Compare"):
-            compared = gr.Dropdown(
-                label="Runs to compare (2 to 4)",
-                choices=choices.runs(home, nobody),
-                multiselect=True,
-                max_choices=4,
-                elem_id="compare-runs",
-            )
-            compared_curve = gr.Dropdown(
-                label="Curve", choices=[], allow_custom_value=True, elem_id="compare-curve"
-            )
-            compare_plot = gr.LinePlot(x="step", y="value", color="run", height=280)
-            compare_reports = gr.Dataframe(
-                label="Reports: quality, speed, size", interactive=False, elem_id="compare-reports"
-            )
-            compare_configs = gr.Dataframe(
-                label="Configs (≠ marks a difference)", interactive=False, elem_id="compare-configs"
-            )
-
-    run_outputs = [
-        header,
-        progress,
-        summary,
-        plot,
-        log_box,
-        config_code,
-        command,
-        artifacts_md,
-        cancel,
-        resume,
-        delete,
-    ]
+            _compare_section(home, limits, nobody)
     table.select(select_row, inputs=[table], outputs=[run_id])
-    choices.fill_on_focus(compared, choices.runs, home, limits)
-    for control in (compared, compared_curve):
-        control.change(
-            session.for_viewer(limits, lambda owner, ids, key: compare(home, ids, key, owner)),
-            inputs=[compared, compared_curve],
-            outputs=[compare_configs, compare_reports, compare_plot, compared_curve],
-        )
+    curve = page["curve"]
 
     def show(owner: str | None, run_id: str, curve: str) -> tuple:
         run_id = run_id.strip()
         return (*refresh_run(home, run_id, curve, owner), *button_states(home, run_id, owner))
 
+    run_outputs = [page[n] for n in RUN_OUTPUTS]
     run_id.change(session.for_viewer(limits, show), inputs=[run_id, curve], outputs=run_outputs)
     curve.change(session.for_viewer(limits, show), inputs=[run_id, curve], outputs=run_outputs)
     for control in (step, status):
@@ -132,10 +71,9 @@ def build_tab(home: Path, runner: JobRunner) -> None:
     def act(action):
         return session.for_user(limits, lambda owner, r: action(runner, r, owner))
 
-    cancel.click(act(cancel_run), inputs=[run_id], outputs=[header])
-    rerun.click(act(rerun_run), inputs=[run_id], outputs=[run_id])
-    resume.click(act(resume_run), inputs=[run_id], outputs=[run_id])
-    delete.click(act(delete_run), inputs=[run_id], outputs=[run_id])
+    page["cancel"].click(act(cancel_run), inputs=[run_id], outputs=[page["header"]])
+    for name, action in (("rerun", rerun_run), ("resume", resume_run), ("delete", delete_run)):
+        page[name].click(act(action), inputs=[run_id], outputs=[run_id])
     timer = gr.Timer(2.0)
     timer.tick(
         session.for_viewer(
@@ -145,6 +83,88 @@ def build_tab(home: Path, runner: JobRunner) -> None:
         inputs=[step, status, run_id, curve],
         outputs=[table, *run_outputs],
     )
+
+
+# what refresh_run and button_states fill, in their order
+RUN_OUTPUTS = (
+    "header",
+    "progress",
+    "summary",
+    "plot",
+    "log",
+    "config",
+    "command",
+    "artifacts",
+    "cancel",
+    "resume",
+    "delete",
+)
+
+
+def _run_controls() -> dict[str, Any]:
+    """The selected run's header, progress bar and buttons."""
+    page = {"header": gr.Markdown(elem_id="run-header")}
+    page["progress"] = gr.HTML(elem_id="run-progress")
+    with gr.Row():
+        page["cancel"] = gr.Button("Cancel", size="sm", variant="stop")
+        page["rerun"] = gr.Button("Re-run", size="sm")
+        page["resume"] = gr.Button("Resume from checkpoint", size="sm")
+        page["delete"] = gr.Button("Delete", size="sm")
+    return page
+
+
+def _run_tabs() -> dict[str, Any]:
+    """The selected run's report, curves, log, config and lineage, a tab each."""
+    page = {}
+    with gr.Tab("Report"):
+        page["summary"] = gr.Markdown(elem_id="run-summary")
+    with gr.Tab("Metrics"):
+        page["curve"] = gr.Radio(choices=list(CURVES), value="loss", label="Curve")
+        page["plot"] = gr.LinePlot(x="step", y="value", color="key", height=300, label="Metrics")
+    with gr.Tab("Log"):
+        page["log"] = gr.Textbox(
+            lines=14,
+            max_lines=14,
+            label="Log",
+            autoscroll=True,
+            buttons=["copy"],
+            elem_id="run-log",
+        )
+    with gr.Tab("Config"):
+        page["config"] = gr.Code(language="json", label="Config (JSON)", buttons=["copy"])
+        page["command"] = gr.Code(
+            language="shell", label="The same run from the command line", buttons=["copy"]
+        )
+    with gr.Tab("Artifacts & lineage"):
+        page["artifacts"] = gr.Markdown()
+    return page
+
+
+def _compare_section(home: Path, limits: Any, nobody: str | None) -> None:
+    compared = gr.Dropdown(
+        label="Runs to compare (2 to 4)",
+        choices=choices.runs(home, nobody),
+        multiselect=True,
+        max_choices=4,
+        elem_id="compare-runs",
+    )
+    compared_curve = gr.Dropdown(
+        label="Curve", choices=[], allow_custom_value=True, elem_id="compare-curve"
+    )
+    compare_plot = gr.LinePlot(x="step", y="value", color="run", height=280)
+    compare_reports = gr.Dataframe(
+        label="Reports: quality, speed, size", interactive=False, elem_id="compare-reports"
+    )
+    compare_configs = gr.Dataframe(
+        label="Configs (≠ marks a difference)", interactive=False, elem_id="compare-configs"
+    )
+    choices.fill_on_focus(compared, choices.runs, home, limits)
+    for control in (compared, compared_curve):
+        control.change(
+            session.for_viewer(limits, lambda owner, ids, key: compare(home, ids, key, owner)),
+            inputs=[compared, compared_curve],
+            outputs=[compare_configs, compare_reports, compare_plot, compared_curve],
+        )
 
 
 def runs_table(

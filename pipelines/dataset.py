@@ -84,12 +84,14 @@ class DatasetConfig:
     drop_duplicates: bool = option(
         True, "Drop duplicates", "Drop rows whose conversation repeats an earlier one."
     )
-    train_ratio: float = option(0.9, "Train share", "Share of rows for training.")
+    train_ratio: float = option(0.8, "Train share", "Share of rows for training.")
     validation_ratio: float = option(
         0.1, "Validation share", "Share of rows held out to validate while training."
     )
     test_ratio: float = option(
-        0.0, "Test share", "Share of rows held out for the final evaluation."
+        0.1,
+        "Test share",
+        "Share of rows held out for the final evaluation (the course keeps 10-20%).",
     )
     seed: int = option(42, "Seed", "Seed of the shuffle before splitting (same seed, same split).")
     max_rows: int = option(0, "Max rows", "Stop reading after this many rows; 0 reads everything.")

@@ -24,6 +24,7 @@ from pipelines.base import (
     main,
     option,
 )
+from pipelines.lib import stats
 from pipelines.lib.dataset_folder import dataset_labels, held_out
 from pipelines.lib.generation import TeacherFields, memory_sampler, open_model
 from pipelines.lib.sampling import Reply
@@ -46,15 +47,17 @@ class EvaluateConfig(TaskFields, TeacherFields):
     split: Literal["test", "validation"] = option(
         "test", "Split", "Held-out rows to score (falls back to validation when test is empty)."
     )
-    max_rows: int = option(40, "Max rows", "Rows scored (each model answers them one by one).")
+    max_rows: int = option(
+        0, "Max rows", "Score only the first N rows of the split; 0 scores all of them."
+    )
 
     def __post_init__(self):
         self.check_task()
         self.check_teacher()
         if not self.student.strip():
             raise ValueError("student must name a model")
-        if self.max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {self.max_rows}")
+        if self.max_rows < 0:
+            raise ValueError(f"max_rows must be >= 0, got {self.max_rows}")
 
     @property
     def queue(self) -> str:
@@ -82,10 +85,16 @@ def run(config: EvaluateConfig, workdir: Path, report: Reporter) -> StepResult:
     report(Log(f"scoring {len(rows)} {split} rows with {', '.join(models)} ({task.metric})"))
     results: dict[str, dict[str, Any]] = {}
     replies: dict[str, list[str]] = {}
+    scores: dict[str, list[float | None]] = {}
     for index, (role, spec) in enumerate(models.items()):
         results[role], replies[role] = _measure(
             role, spec, config, task, prompts, references, report, index, len(models)
         )
+        scores[role] = [
+            task.score(text, ref) if ref else None
+            for text, ref in zip(replies[role], references, strict=True)
+        ]
+        results[role].update(_with_interval(stats.interval(scores[role])))
     for role in results:
         if role != "teacher":
             results[role]["agreement"] = _mean(
@@ -98,6 +107,12 @@ def run(config: EvaluateConfig, workdir: Path, report: Reporter) -> StepResult:
         "rows": len(rows),
         "teacher": config.teacher_id(),
         "models": results,
+        # each comparison on the same rows: B against A (B - A), with its paired interval
+        "pairs": [
+            {"a": a, "b": b, **stats.compare(scores[a], scores[b])}
+            for a, b in (("teacher", "student"), ("student_base", "student"))
+            if a in scores
+        ],
         "ratios": ratios(results),
         "samples": [
             {
@@ -108,6 +123,8 @@ def run(config: EvaluateConfig, workdir: Path, report: Reporter) -> StepResult:
             for i in range(min(SAMPLES, len(rows)))
         ],
     }
+    kept = summary["pairs"][0]
+    summary["ratios"]["quality_kept_ci"] = [kept.get("kept_ci_low"), kept.get("kept_ci_high")]
     report(Metrics(step=0, values=_flat(summary)))
     (workdir / "report.json").parent.mkdir(parents=True, exist_ok=True)
     (workdir / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
@@ -171,12 +188,10 @@ def _measure(
         raise StepError(f"the {role} answered none of the prompts: {failed[0]}")
     texts = [r.text or "" for r in replies]
     latencies = sorted(r.seconds for r in replies if r.text is not None)
-    scored = [task.score(t, ref) for t, ref in zip(texts, references, strict=True) if ref]
     tokens = sum(r.completion_tokens for r in replies)
     seconds = sum(latencies)
     result = {
         "model": spec,
-        "metric": _mean(scored) if scored else None,
         "valid_answers": _mean(float(task.check(t)[0] is not None) for t in texts),
         "perplexity": perplexity,
         "latency_p50_s": round(statistics.median(latencies), 4),
@@ -189,12 +204,21 @@ def _measure(
     }
     report(
         Log(
-            f"{role}: {task.metric} {fmt(result.get('metric'))}, latency p50 "
+            f"{role}: latency p50 "
             f"{fmt(result.get('latency_p50_s'), unit=' s')}, {fmt(result.get('tokens_per_s'))} "
             f"tokens/s, peak memory {fmt(result.get('peak_memory_mb'), '{:.0f}', ' MB')}"
         )
     )
     return result, texts
+
+
+def _with_interval(scored: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "metric": scored["mean"],
+        "ci_low": scored["ci_low"],
+        "ci_high": scored["ci_high"],
+        "scored_rows": scored["rows"],
+    }
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
@@ -228,7 +252,9 @@ def _flat(summary: dict[str, Any]) -> dict[str, float]:
         for key, value in result.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 values[f"{role}_{key}"] = float(value)
-    values.update({k: float(v) for k, v in summary["ratios"].items() if v is not None})
+    values.update(
+        {k: float(v) for k, v in summary["ratios"].items() if isinstance(v, (int, float))}
+    )
     return values
 
 

@@ -107,7 +107,11 @@ class QuantizeConfig(TaskFields):
         "12 built-in general prompts.",
     )
     split: Literal["test", "validation"] = option("test", "Split", "Held-out rows to use.")
-    max_rows: int = option(12, "Gate prompts", "Prompts each model answers (one at a time).")
+    max_rows: int = option(
+        0,
+        "Gate prompts",
+        "Answer only the first N held-out rows (or built-in prompts); 0 answers all of them.",
+    )
     max_new_tokens: int = option(64, "Answer length", "Longest answer in the gate, in tokens.")
     min_quality_pct: float = option(
         95.0, "Min quality kept (%)", "Quality of the quantized model against the source."
@@ -153,8 +157,8 @@ class QuantizeConfig(TaskFields):
         for pair in self.extra_options.split():
             if "=" not in pair or pair.startswith("="):
                 raise ValueError(f"extra_options must be KEY=VALUE pairs, got {pair!r}")
-        if self.max_rows < 1 or self.max_new_tokens < 1:
-            raise ValueError("max_rows and max_new_tokens must be >= 1")
+        if self.max_rows < 0 or self.max_new_tokens < 1:
+            raise ValueError("max_rows must be >= 0 and max_new_tokens >= 1")
 
     @property
     def queue(self) -> str:
@@ -513,8 +517,9 @@ def proposal(config: QuantizeConfig, checks: list[dict[str, Any]]) -> QuantizeCo
     course's ladder (int4 -> int4 k_quant_mixed -> int8 -> fp16 on GPUs -> fp32), for memory
     int4. Speed is the hardware's, and a parity failure is the source model's to fix."""
     failed = {c["name"] for c in checks if not c["passed"]}
-    if CHECK_PARITY in failed:
-        return None
+    undecided = any(c.get("why") for c in checks if c["name"] == CHECK_QUALITY)
+    if CHECK_PARITY in failed or undecided:
+        return None  # (too few rows to tell: another recipe would be judged no better)
     if CHECK_QUALITY in failed:
         if config.precision == "int4" and config.algorithm != "k_quant_mixed":
             return replace(config, algorithm="k_quant_mixed", block_size=min(32, config.block_size))
@@ -539,7 +544,10 @@ def suggestion(config: QuantizeConfig, checks: list[dict[str, Any]]) -> str:
             "the quantized model does not see the prompts the source sees or does not stop "
             "where it stops: check the chat template and eos_token_id of the source model"
         )
-    if CHECK_QUALITY in failed:
+    why = next((c.get("why") for c in checks if c["name"] == CHECK_QUALITY), None)
+    if why:
+        tips.append(f"for quality, {why}")
+    elif CHECK_QUALITY in failed:
         tips.append(
             f"for quality, try {better.recipe()}"
             if better

@@ -11,6 +11,7 @@ from typing import Any
 
 from pipelines.dataset import SAMPLE_DATASET, SAMPLE_SYSTEM_PROMPT, DatasetConfig
 from pipelines.finetune import FinetuneConfig
+from pipelines.lib.stats import says, with_interval
 from pipelines.quantize import QuantizeConfig
 from studio import distill, store
 from studio.jobs import JobRunner
@@ -46,7 +47,7 @@ SPEC: dict[str, Any] = {
         "learning_rate": 1e-4,
         "eval_steps": 0,
     },
-    "evaluate": {"task": "classification", "max_rows": 12, "max_new_tokens": 5},
+    "evaluate": {"task": "classification", "max_new_tokens": 5},  # the whole test split
 }
 LORA: dict[str, Any] = {
     "method": "lora",
@@ -56,7 +57,7 @@ LORA: dict[str, Any] = {
     "max_seq_len": 256,
     "eval_steps": 0,
 }
-GATE: dict[str, Any] = {"task": "classification", "max_rows": 12, "max_new_tokens": 5}
+GATE: dict[str, Any] = {"task": "classification", "max_new_tokens": 5}  # the whole test split
 
 
 def submit(
@@ -149,23 +150,32 @@ def onnx_folder(home: Path, runs: dict[str, str]) -> Path | None:
 
 def report(home: Path, runs: dict[str, str]) -> dict[str, Any]:
     """What was gained, each figure from the run that measured it side by side: accuracy of
-    teacher, student, tuned student and int4 model on the same held-out rows; distillation's
-    time and memory saved (student vs teacher); quantization's speed-up and memory saved (int4 vs
-    the fp32 student); size on disk of the teacher and of the int4 model."""
+    teacher, student, tuned student and int4 model on the same held-out rows (each with its 95%
+    interval); distillation's time and memory saved (student vs teacher); quantization's
+    speed-up and memory saved (int4 vs the fp32 student); size on disk of teacher and int4."""
     with store.connect(home) as db:
         evaluation = json.loads(store.get_run(db, runs["evaluate"])["summary_json"] or "{}")
         quantized = json.loads(store.get_run(db, runs["quantize"])["summary_json"] or "{}")
     gate = quantized.get("gate", {})
     models = evaluation.get("models", {})
     ratios = evaluation.get("ratios", {})
-    final = gate.get("models", {}).get("quantized", {})
-    return {
+    gated = gate.get("models", {})
+    figures: dict[str, Any] = {
         "metric": evaluation.get("metric"),
         "rows": evaluation.get("rows"),
-        "teacher_quality": models.get("teacher", {}).get("metric"),
-        "distilled_student_quality": models.get("student", {}).get("metric"),
-        "tuned_student_quality": gate.get("models", {}).get("source", {}).get("metric"),
-        "final_quality": final.get("metric"),
+        "gate_rows": gate.get("pair", {}).get("rows"),
+    }
+    for name, result in (
+        ("teacher_quality", models.get("teacher", {})),
+        ("student_quality", models.get("student", {})),
+        ("tuned_student_quality", gated.get("source", {})),
+        ("final_quality", gated.get("quantized", {})),
+    ):
+        figures[name] = result.get("metric")
+        figures[f"{name}_ci_low"] = result.get("ci_low")
+        figures[f"{name}_ci_high"] = result.get("ci_high")
+    final = gated.get("quantized", {})
+    return figures | {
         "distill_time_saved_pct": ratios.get("time_saved_pct"),
         "distill_memory_saved_pct": ratios.get("memory_saved_pct"),
         "int4_quality_kept_pct": gate.get("quality_kept_pct"),
@@ -175,6 +185,7 @@ def report(home: Path, runs: dict[str, str]) -> dict[str, Any]:
         "size_mb": final.get("size_mb"),
         "teacher_size_mb": models.get("teacher", {}).get("size_mb"),
         "gate_verdict": gate.get("verdict"),
+        "gate_says": says("the fp32 student", "int4", gate["pair"]) if gate.get("pair") else None,
     }
 
 
@@ -182,20 +193,24 @@ def format_report(r: dict[str, Any]) -> str:
     def num(value: Any, spec: str = "{:.3g}") -> str:
         return "n/a" if value is None else spec.format(value)
 
+    def quality(name: str, rows: Any) -> str:
+        return with_interval(r[name], r[f"{name}_ci_low"], r[f"{name}_ci_high"], rows or 0)
+
     smaller = (
         f"{r['teacher_size_mb'] / r['size_mb']:.1f}x smaller"
         if r["size_mb"] and r["teacher_size_mb"]
         else "n/a"
     )
     return (
-        f"{r['metric']} on {r['rows']} held-out rows: teacher {num(r['teacher_quality'])}, "
-        f"distilled student {num(r['distilled_student_quality'])}, after LoRA "
-        f"{num(r['tuned_student_quality'])}, int4 {num(r['final_quality'])}. "
+        f"{r['metric']} (95% intervals): teacher {quality('teacher_quality', r['rows'])}, "
+        f"distilled student {quality('student_quality', r['rows'])}, after LoRA "
+        f"{quality('tuned_student_quality', r['gate_rows'])}, int4 "
+        f"{quality('final_quality', r['gate_rows'])}. "
         f"Distillation: {num(r['distill_time_saved_pct'])}% less time per answer, "
         f"{num(r['distill_memory_saved_pct'])}% less memory than the teacher. "
-        f"int4: {num(r['int4_quality_kept_pct'])}% of the fp32 student's quality, "
-        f"{num(r['int4_speedup'])}x its decode speed ({num(r['decode_tokens_per_s'], '{:.0f}')} "
-        f"tokens/s), {num(r['int4_memory_saved_pct'])}% less memory; "
+        f"int4: {num(r['int4_speedup'])}x the fp32 student's decode speed "
+        f"({num(r['decode_tokens_per_s'], '{:.0f}')} tokens/s), "
+        f"{num(r['int4_memory_saved_pct'])}% less memory; {r['gate_says'] or 'not compared'}; "
         f"{num(r['size_mb'], '{:.0f}')} MB on disk against the teacher's "
         f"{num(r['teacher_size_mb'], '{:.0f}')} MB ({smaller}). Quality gate: {r['gate_verdict']}."
     )

@@ -34,6 +34,7 @@ def test_the_chain_waits_step_by_step_and_reads_each_output(home):
     assert config["lora"]["dataset_dir"] == data and config["lora"]["method"] == "lora"
     assert config["quantize"]["model"] == f"{out['lora']}/merged"
     assert config["quantize"]["precision"] == "int4" and config["quantize"]["dataset_dir"] == data
+    assert config["quantize"]["max_rows"] == 0 and config["evaluate"]["max_rows"] == 0  # all
 
     assert quickstart.latest(home) == runs  # a closed tab finds it again
     steps = quickstart.state(home, runs)
@@ -48,8 +49,11 @@ def test_the_report_reads_the_evaluation_and_the_gate(home):
     runs = quickstart.submit(runner)
     evaluation = {
         "metric": "accuracy",
-        "rows": 12,
-        "models": {"teacher": {"metric": 0.1, "size_mb": 513.0}, "student": {"metric": 0.05}},
+        "rows": 36,
+        "models": {
+            "teacher": {"metric": 0.9, "ci_low": 0.8, "ci_high": 0.97, "size_mb": 513.0},
+            "student": {"metric": 0.85, "ci_low": 0.72, "ci_high": 0.94},
+        },
         "ratios": {"time_saved_pct": 63.0, "memory_saved_pct": 40.0},
     }
     gate = {
@@ -58,8 +62,21 @@ def test_the_report_reads_the_evaluation_and_the_gate(home):
         "speedup": 5.4,
         "memory_saved_pct": 70.0,
         "models": {
-            "source": {"metric": 0.6},
-            "quantized": {"metric": 0.55, "decode_tokens_per_s": 150.0, "size_mb": 40.0},
+            "source": {"metric": 0.6, "ci_low": 0.44, "ci_high": 0.75},
+            "quantized": {
+                "metric": 0.55,
+                "ci_low": 0.39,
+                "ci_high": 0.7,
+                "decode_tokens_per_s": 150.0,
+                "size_mb": 40.0,
+            },
+        },
+        "pair": {
+            "rows": 36,
+            "diff": -0.05,
+            "ci_low": -0.14,
+            "ci_high": 0.03,
+            "verdict": "no difference found",
         },
     }
     with store.connect(home) as db:
@@ -69,10 +86,11 @@ def test_the_report_reads_the_evaluation_and_the_gate(home):
     assert report["tuned_student_quality"] == 0.6 and report["int4_speedup"] == 5.4
     text = quickstart.format_report(report)
     for fact in (
-        "accuracy on 12 held-out rows: teacher 0.1",
-        "after LoRA 0.6, int4 0.55",
+        "accuracy (95% intervals): teacher 0.9 [0.8, 0.97] on 36 rows",
+        "after LoRA 0.6 [0.44, 0.75] on 36 rows, int4 0.55 [0.39, 0.7] on 36 rows",
         "63% less time per answer",
-        "5.4x its decode speed (150 tokens/s)",
+        "5.4x the fp32 student's decode speed (150 tokens/s)",
+        "no difference found between the fp32 student and int4 (-0.050, 95% CI [-0.140, +0.030]",
         "40 MB on disk against the teacher's 513 MB (12.8x smaller)",
         "Quality gate: pass",
     ):

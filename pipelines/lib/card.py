@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.base import StepError, fmt
+from pipelines.lib.stats import with_interval
 
 BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -146,7 +147,12 @@ def _eval_results(lineage: dict[str, Any]) -> list[Any]:
                 EvalResult(
                     task_type="text-generation",
                     dataset_type="slmops-heldout",
-                    dataset_name=f"{summary.get('rows')} {summary.get('split')} rows",
+                    dataset_name=f"{summary.get('rows')} {summary.get('split')} rows"
+                    + (
+                        f" (95% CI {student['ci_low']:.3g}-{student['ci_high']:.3g})"
+                        if student.get("ci_low") is not None
+                        else ""
+                    ),
                     metric_type=summary.get("metric") or "accuracy",
                     metric_value=round(float(student["metric"]), 4),
                 )
@@ -245,12 +251,16 @@ def _gate_section(quantize: dict[str, Any] | None) -> list[str]:
     if models:
         lines += [
             "",
-            "| model | perplexity | decode tokens/s | memory MB | size MB |",
-            "|---|---|---|---|---|",
+            "| model | task metric [95% CI] | perplexity | decode tokens/s | memory MB | size MB |",
+            "|---|---|---|---|---|---|",
         ]
         for role, m in models.items():
+            quality = with_interval(
+                m.get("metric"), m.get("ci_low"), m.get("ci_high"), m.get("scored_rows", 0)
+            )
             lines.append(
-                f"| {role} | {fmt(m.get('perplexity'))} | {fmt(m.get('decode_tokens_per_s'))} | "
+                f"| {role} | {quality} | {fmt(m.get('perplexity'))} | "
+                f"{fmt(m.get('decode_tokens_per_s'))} | "
                 f"{fmt(m.get('memory_mb'), '{:.0f}')} | {fmt(m.get('size_mb'), '{:.1f}')} |"
             )
     return [*lines, ""]

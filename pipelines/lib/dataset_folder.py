@@ -29,13 +29,15 @@ def read_split(folder: Path, split: str, offset: int, limit: int) -> list[dict[s
     return out
 
 
-def held_out(folder: Path, split: str, max_rows: int) -> tuple[list[dict[str, Any]], str]:
-    """Up to max_rows rows of a dataset's split (else its validation or test split)."""
+def held_out(folder: Path, split: str, max_rows: int = 0) -> tuple[list[dict[str, Any]], str]:
+    """Every row of a dataset's split (else its validation or test split), or the first
+    `max_rows` when that is set."""
     for name in dict.fromkeys((split, "validation", "test")):
         path = folder / f"{name}.jsonl"
         if path.exists() and path.stat().st_size:
             with path.open(encoding="utf-8") as f:
-                rows = [json.loads(line) for _, line in zip(range(max_rows), f, strict=False)]
+                lines = f if not max_rows else (line for _, line in zip(range(max_rows), f))
+                rows = [json.loads(line) for line in lines if line.strip()]
             return rows, name
     raise StepError(
         f"{folder} has no test or validation rows to score: import the dataset with a test "

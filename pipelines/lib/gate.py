@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipelines.base import Log, Progress, Reporter, StepError, fmt
+from pipelines.lib import stats
 
 CHECK_QUALITY, CHECK_SPEED = "quality kept (%)", "decode speed-up (x)"
 CHECK_MEMORY, CHECK_PARITY = "memory saved (%)", "chat template and end of sequence"
@@ -61,7 +62,7 @@ def quality_gate(
         prompts_from = f"{len(rows)} {split} rows of {folder.parent.name or folder.name}"
     else:
         with BUILTIN_PROMPTS.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f][: config.max_rows]
+            rows = [json.loads(line) for line in f][: config.max_rows or None]
         task = build_task("conversation")
         prompts_from = f"{len(rows)} built-in prompts"
     prompts = [task.messages(r) for r in rows]
@@ -86,12 +87,23 @@ def quality_gate(
 
     tokenizer = load_tokenizer(str(source))
     parity = _parity(config, tokenizer, source, out, prompts, replies, adapter_file)
+    scores = {}
     for role in results:
         texts = [r.text or "" for r in replies[role]]
-        scored = [task.score(t, ref) for t, ref in zip(texts, references, strict=True) if ref]
-        results[role]["metric"] = _mean(scored) if scored else None
+        scores[role] = [
+            task.score(t, ref) if ref else None for t, ref in zip(texts, references, strict=True)
+        ]
+        scored = stats.interval(scores[role])
+        results[role].update(
+            metric=scored["mean"],
+            ci_low=scored["ci_low"],
+            ci_high=scored["ci_high"],
+            scored_rows=scored["rows"],
+        )
     agreement = _agreement(tokenizer, replies["source"], replies["quantized"])
-    gate = _gates(config, task.metric, results)
+    pair = {"a": "source", "b": "quantized", **stats.compare(scores["source"], scores["quantized"])}
+    gate = _gates(config, task.metric, results, pair)
+    gate["pair"] = pair
     gate.update(
         prompts=prompts_from,
         measured_on=measured_on,
@@ -316,7 +328,9 @@ def _agreement(tokenizer, source: list, quantized: list) -> dict[str, float]:
     }
 
 
-def _gates(config: GateConfig, metric: str, results: dict[str, dict]) -> dict[str, Any]:
+def _gates(
+    config: GateConfig, metric: str, results: dict[str, dict], pair: dict[str, Any]
+) -> dict[str, Any]:
     source, quantized = results["source"], results["quantized"]
     if metric in ("accuracy", "exact_match") and source.get("metric"):
         quality_by = metric
@@ -348,7 +362,7 @@ def _gates(config: GateConfig, metric: str, results: dict[str, dict]) -> dict[st
         (CHECK_SPEED, "speedup", config.min_speedup),
         (CHECK_MEMORY, "memory_saved_pct", config.min_memory_saved_pct),
     ]
-    return {
+    gate = {
         "quality_by": quality_by,
         **values,
         "checks": [
@@ -362,6 +376,16 @@ def _gates(config: GateConfig, metric: str, results: dict[str, dict]) -> dict[st
             for label, key, target in checks
         ],
     }
+    if quality_by == metric and pair["verdict"] == "too few rows to tell":
+        # a share of quality kept means nothing when the rows can't tell the models apart
+        quality_check = gate["checks"][0]
+        quality_check["passed"] = False
+        quality_check["why"] = (
+            f"too few rows to tell: the 95% interval of the difference spans "
+            f"{100 * (pair['ci_high'] - pair['ci_low']):.0f} points on {pair['rows']} rows; "
+            "give the gate more held-out rows (a larger test split)"
+        )
+    return gate
 
 
 def _describe(r: dict[str, Any]) -> str:

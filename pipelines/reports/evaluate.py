@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipelines.lib.stats import says, with_interval
 from pipelines.reports import Report, fmt, pct
 
 COLUMNS = [
-    ("metric", "quality", "{:.3g}"),
     ("agreement", "agrees with teacher", "{:.3g}"),
     ("perplexity", "perplexity", "{:.4g}"),
     ("latency_p50_s", "latency p50 (s)", "{:.3g}"),
@@ -22,20 +22,35 @@ COLUMNS = [
 
 def report(summary: dict[str, Any]) -> Report:
     ratios = summary["ratios"]
+    kept_ci = ratios.get("quality_kept_ci") or [None, None]
+    interval = f" (95% CI {pct(kept_ci[0])}–{pct(kept_ci[1])})" if kept_ci[0] is not None else ""
     r = Report().line(
-        f"The student keeps **{pct(ratios.get('quality_kept_pct'))}** of the teacher's quality, "
+        f"The student keeps **{pct(ratios.get('quality_kept_pct'))}**{interval} of the teacher's "
+        "quality, "
         f"takes **{pct(ratios.get('time_saved_pct'))}** less time per answer and "
         f"**{pct(ratios.get('memory_saved_pct'))}** less memory ({summary['task']}, "
         f"{summary['metric']} on {summary['rows']} {summary['split']} rows; teacher "
         f"{summary['teacher']})."
     )
     r.table(
-        ["model", *(label for _, label, _ in COLUMNS)],
+        ["model", f"{summary['metric']} [95% CI]", *(label for _, label, _ in COLUMNS)],
         [
-            [role.replace("_", " "), *(fmt(result.get(k), spec) for k, _, spec in COLUMNS)]
+            [
+                role.replace("_", " "),
+                with_interval(
+                    result.get("metric"),
+                    result.get("ci_low"),
+                    result.get("ci_high"),
+                    result.get("scored_rows", summary["rows"]),
+                ),
+                *(fmt(result.get(k), spec) for k, _, spec in COLUMNS),
+            ]
             for role, result in summary["models"].items()
         ],
     )
+    for pair in summary.get("pairs", []):
+        names = [pair[k].replace("_", " ") for k in ("a", "b")]
+        r.line(f"{summary['metric'].capitalize()}: {says(*names, pair)}.")
     if ratios.get("gain_over_base") is not None:
         r.line(
             f"Training changed the student's {summary['metric']} by "

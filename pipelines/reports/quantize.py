@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipelines.lib.stats import says, with_interval
 from pipelines.reports import Report, fmt
 
 COLUMNS = [
@@ -14,7 +15,6 @@ COLUMNS = [
     ("latency_p50_s", "answer p50 (s)", "{:.2f}"),
     ("memory_mb", "memory (MB)", "{:.0f}"),
     ("size_mb", "size (MB)", "{:.0f}"),
-    ("metric", "task metric", "{:.3g}"),
     ("stopped", "stopped on its own", "{}"),
 ]
 
@@ -34,14 +34,30 @@ def report(summary: dict[str, Any]) -> Report:
         r.table(
             ["check", "measured", "target", ""],
             [
-                [c["name"], fmt(c["value"]), f"≥ {c['target']}", "pass" if c["passed"] else "FAIL"]
+                [
+                    c["name"],
+                    fmt(c["value"]),
+                    f"≥ {c['target']}",
+                    "pass" if c["passed"] else ("FAIL: " + c["why"] if c.get("why") else "FAIL"),
+                ]
                 for c in gate["checks"]
             ],
         )
+        if gate.get("pair", {}).get("rows"):
+            r.line(f"Task metric: {says('source', 'quantized', gate['pair'])}.")
         r.table(
-            ["model", *(label for _, label, _ in COLUMNS)],
+            ["model", "task metric [95% CI]", *(label for _, label, _ in COLUMNS)],
             [
-                [role, *(fmt(result.get(k), spec) for k, _, spec in COLUMNS)]
+                [
+                    role,
+                    with_interval(
+                        result.get("metric"),
+                        result.get("ci_low"),
+                        result.get("ci_high"),
+                        result.get("scored_rows", 0),
+                    ),
+                    *(fmt(result.get(k), spec) for k, _, spec in COLUMNS),
+                ]
                 for role, result in gate["models"].items()
             ],
         )

@@ -150,6 +150,7 @@ def tiny_dataset(tmp_path_factory, tiny_lm):
             tokenizer_model=str(tiny_lm),
             validation_ratio=0.25,
             train_ratio=0.75,
+            test_ratio=0.0,
         ),
         folder,
         lambda event: None,

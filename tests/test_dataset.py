@@ -97,7 +97,7 @@ EXPECTED_SHAPE = {"prompt_response": "prompt_completion"}
 def test_every_shape_is_detected_and_normalized(kind, tmp_path, tiny_tokenizer_dir, events):
     path = SHAPE_FILES[kind](tmp_path)
     result = dataset.run(
-        _config([path], tiny_tokenizer_dir, validation_ratio=0.5, train_ratio=0.5),
+        _config([path], tiny_tokenizer_dir, validation_ratio=0.5, train_ratio=0.5, test_ratio=0),
         tmp_path / "out",
         events.append,
     )

@@ -46,6 +46,33 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "webgpu": ("int4", "int8"),
 }
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+# The model builder options a user may set: recipe and graph choices only. Options that name files
+# (filename, adapter_path, kv_cache_scale_file, ...), fetch code or tokens (hf_remote, hf_token)
+# or size what the machine spends (max_batch_size, num_hidden_layers) are the studio's to set.
+BUILDER_OPTIONS = (
+    "accuracy_level",
+    "algo_config",
+    "block_size",
+    "disable_qkv_fusion",
+    "enable_cuda_graph",
+    "enable_dml_graph",
+    "enable_webgpu_graph",
+    "exclude_embeds",
+    "exclude_lm_head",
+    "fuse_mlp_gate_up",
+    "fuse_qk_norm_gqa",
+    "fuse_qkv",
+    "include_hidden_states",
+    "is_symmetric",
+    "matmul_mixed_precision",
+    "nodes_to_exclude",
+    "op_types_to_quantize",
+    "prune_lm_head",
+    "shared_embeddings",
+    "use_cuda_bf16",
+    "use_qdq",
+    "use_webgpu_fp32",
+)
 ONNX_DIR, BNB_DIR = "onnx", "bnb"
 
 
@@ -157,6 +184,12 @@ class QuantizeConfig(TaskFields):
         for pair in self.extra_options.split():
             if "=" not in pair or pair.startswith("="):
                 raise ValueError(f"extra_options must be KEY=VALUE pairs, got {pair!r}")
+            key = pair.split("=", 1)[0].strip()
+            if key not in BUILDER_OPTIONS:
+                raise ValueError(
+                    f"extra_options: '{key}' is not a builder option the studio passes on; "
+                    f"use one of {', '.join(BUILDER_OPTIONS)}"
+                )
         if self.max_rows < 0 or self.max_new_tokens < 1:
             raise ValueError("max_rows must be >= 0 and max_new_tokens >= 1")
 

@@ -64,14 +64,18 @@ def check_paths(db: Database, home: Path, owner: str, config: dict[str, Any]) ->
         shared.append(bundled_gguf().parent.resolve())
     own_uploads = store.uploads_dir(home, owner).resolve()
     for value in _strings(config):
-        path = Path(value).expanduser().resolve()
+        try:  # resolved first: "//..//x", symlinks and ".." are judged by where they lead
+            path = Path(value).expanduser().resolve()
+            exists = path.exists()
+        except (OSError, RuntimeError, ValueError):
+            continue  # longer than any path the system opens, or with a NUL: names no file
         if any(path == root or root in path.parents for root in [*shared, own_uploads]):
             continue
         if home in path.parents or path == home:
             run_id = store.run_of_path(home, path)
             if run_id and store.get_run(db, run_id, owner):
                 continue
-        elif not path.exists():
+        elif not exists:
             continue  # not a local path: a Hub id, a URL, a prompt
         raise PermissionError(
             f"'{value}' is not yours to use: on this shared studio a run reads only your own "
@@ -81,7 +85,7 @@ def check_paths(db: Database, home: Path, owner: str, config: dict[str, Any]) ->
 
 def _strings(value: Any) -> list[str]:
     if isinstance(value, str):
-        return [value] if value and "\n" not in value and len(value) < 4096 else []
+        return [value] if value else []  # every string: a newline or a length hides no path
     if isinstance(value, dict):
         return [s for v in value.values() for s in _strings(v)]
     if isinstance(value, (list, tuple)):

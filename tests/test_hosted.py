@@ -75,7 +75,11 @@ def test_each_user_sees_and_touches_only_their_own_runs(home, fake_steps, hosted
         runner.rerun(run_id, "bob")
     assert made.exists()
     # bob may not read alice's files, nor the machine's; a Hub id is no local path
-    for path in (str(made), str(home / "runs" / run_id), "/etc/hostname"):
+    sneaky = (
+        "/" * 4100 + str(made),  # pathlib collapses the slashes back to alice's file
+        str(home / "uploads" / ".." / "runs" / run_id),
+    )
+    for path in (str(made), str(home / "runs" / run_id), "/etc/hostname", *sneaky):
         with pytest.raises(PermissionError, match="not yours to use"):
             runner.submit("fake", fake_steps.FakeConfig(input_path=path), owner="bob")
     runner.submit("fake", fake_steps.FakeConfig(input_path="HuggingFaceTB/x"), owner="bob")

@@ -248,3 +248,13 @@ def test_builder_options_follow_the_config():
         "shared_embeddings": "true",
     }
     assert quantize.builder_options(QuantizeConfig(precision="fp32")) == {"hf_token": "false"}
+
+
+@pytest.mark.parametrize(
+    "option", ["filename=/data/studio.db", "adapter_path=/etc", "hf_remote=true", "hf_token=x"]
+)
+def test_builder_options_that_touch_files_or_the_network_are_refused(option):
+    """Only recipe and graph options reach the model builder (an allow-list)."""
+    with pytest.raises(ValueError, match="is not a builder option the studio passes on"):
+        QuantizeConfig(extra_options=f"block_size=32 {option}")
+    assert QuantizeConfig(extra_options="shared_embeddings=true accuracy_level=4").extra_options

@@ -261,6 +261,14 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
+def _unused_id(db: Database, table: str) -> str:
+    """A new sortable id that no row of `table` has (two made in the same second differ)."""
+    new = new_run_id()
+    while db[table].count_where("id = ?", [new]):
+        new = new_run_id()
+    return new
+
+
 def keep_uploads(home: Path, paths: list[str], owner: str = "") -> list[str]:
     """Copy input files into STUDIO_HOME/uploads so that a run (and its re-runs) owns them
     (a hosted studio's users each have their own folder there)."""
@@ -328,9 +336,7 @@ def run_of_path(home: Path, path: str | Path) -> str | None:
 
 def create_chain(db: Database, kind: str, name: str = "", owner: str = "") -> str:
     """A new, still empty chain; runs join it with `add_to_chain`."""
-    chain_id = new_run_id()
-    while db["chains"].count_where("id = ?", [chain_id]):
-        chain_id = new_run_id()
+    chain_id = _unused_id(db, "chains")
     db["chains"].insert(
         {
             "id": chain_id,
@@ -379,9 +385,7 @@ def create_run(
     chain_id: str | None = None,
 ) -> str:
     """Record a queued run; `outputs` are what its config declares it will write."""
-    run_id = new_run_id()
-    while db["runs"].count_where("id = ?", [run_id]):
-        run_id = new_run_id()
+    run_id = _unused_id(db, "runs")
     db["runs"].insert(
         {
             "id": run_id,

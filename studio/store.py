@@ -351,11 +351,14 @@ def create_chain(db: Database, kind: str, name: str = "", owner: str = "") -> st
 
 
 def add_to_chain(db: Database, chain_id: str, role: str, run_id: str) -> None:
+    # one UPDATE each, no read first: a read that turns into a write inside a transaction fails
+    # with "database is locked" when a worker wrote meanwhile (WAL snapshots)
     with db.atomic():
-        chain = db["chains"].get(chain_id)
-        runs = {**json.loads(chain["runs_json"]), role: run_id}
-        db["chains"].update(chain_id, {"runs_json": json.dumps(runs)})
-        db["runs"].update(run_id, {"chain_id": chain_id})
+        db.execute(
+            "update chains set runs_json = json_set(runs_json, ?, ?) where id = ?",
+            [f'$."{role}"', run_id, chain_id],
+        )
+        db.execute("update runs set chain_id = ? where id = ?", [chain_id, run_id])
 
 
 def latest_chain(db: Database, kind: str, owner: str | None = None) -> dict[str, str]:

@@ -221,3 +221,31 @@ def test_run_status_is_an_enum_equal_to_its_stored_value(home):
         assert not store.set_status(db, run_id, "running")  # the same move twice: refused
         with pytest.raises(ValueError):
             store.set_status(db, run_id, "done")
+
+
+def test_runs_join_a_chain_while_a_worker_writes(home):
+    """add_to_chain never reads before it writes inside its transaction: when a worker wrote in
+    between, the read turned write failed with 'database is locked' (a browser walk found it).
+    Here a worker's write lands exactly when the chain is updated."""
+    import sqlite3
+
+    with store.connect(home) as db:
+        busy = store.create_run(db, "dataset", {}, queue="data")
+        chain = store.create_chain(db, "quickstart")
+        run_id = store.create_run(db, "dataset", {}, queue="data")
+        worker = sqlite3.connect(home / "studio.db", timeout=1)
+
+        def write_meanwhile(statement: str) -> None:
+            if statement.lower().startswith("update") and "chains" in statement:
+                worker.execute(
+                    "insert into run_events (run_id, kind, message) values (?, 'log', 'x')",
+                    [busy],
+                )
+                worker.commit()
+
+        db.conn.set_trace_callback(write_meanwhile)
+        store.add_to_chain(db, chain, "dataset", run_id)
+        db.conn.set_trace_callback(None)
+        worker.close()
+        assert store.latest_chain(db, "quickstart") == {"dataset": run_id}
+        assert store.get_run(db, run_id)["chain_id"] == chain

@@ -38,6 +38,23 @@ WARM_LENGTH = 1280  # the pool starts with this many greedy caches of the templa
 ROLES = ("system", "user", "assistant")
 
 
+MAX_BODY_BYTES = 1 << 20  # a chat request fills a context of a few thousand tokens: 1 MiB is ample
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused (413) as soon as it passes MAX_BODY_BYTES, before any more is read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise RequestError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise RequestError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class RequestError(Exception):
     """A bad request: answered with an OpenAI-style error body and a 4xx status."""
 
@@ -428,9 +445,11 @@ def build_app(models: dict[str, ServedModel], api_key: str = "") -> Any:
     async def chat_completions(request: Request) -> Any:
         check_key(request)
         try:
-            body = json.loads(await request.body() or b"null")
+            body = json.loads(await _read_body(request) or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RequestError(400, "the request body is not valid JSON") from None
+        except RecursionError:
+            raise RequestError(400, "the request body nests too deeply") from None
         chat = Chat.parse(body, models)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

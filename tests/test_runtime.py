@@ -138,6 +138,14 @@ def test_broken_json_a_wrong_key_and_unknown_routes(server):
         f"{server}/v1/chat/completions", content=b"{not json", headers=auth, timeout=10
     )
     assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
+    huge = httpx.post(
+        f"{server}/v1/chat/completions", content=b" " * (2 << 20), headers=auth, timeout=10
+    )
+    assert huge.status_code == 413 and "over 1 MiB" in huge.json()["error"]["message"]
+    nested = httpx.post(
+        f"{server}/v1/chat/completions", content=b"[" * 100_000, headers=auth, timeout=10
+    )
+    assert nested.status_code == 400 and "nests too deeply" in nested.json()["error"]["message"]
     from openai import AuthenticationError
 
     with pytest.raises(AuthenticationError):

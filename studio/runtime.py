@@ -38,6 +38,7 @@ WARM_LENGTH = 1280  # the pool starts with this many greedy caches of the templa
 ROLES = ("system", "user", "assistant")
 
 
+MAX_CHATS = 16  # per model, queued or answering; the next one gets 429
 MAX_BODY_BYTES = 1 << 20  # a chat request fills a context of a few thousand tokens: 1 MiB is ample
 
 
@@ -120,6 +121,12 @@ class Chat:
                 content = "".join(str(p.get("text", "")) for p in content)
             if not isinstance(content, str):
                 raise RequestError(400, f"messages[{i}].content must be a string", "messages")
+            try:
+                content.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (\ud800) no tokenizer can read
+                raise RequestError(
+                    400, f"messages[{i}].content is not valid Unicode text", "messages"
+                ) from None
             clean.append({"role": message["role"], "content": content})
         chat = cls(model=model, messages=clean, stream=_bool(body, "stream"))
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -140,8 +147,10 @@ class Chat:
             raise RequestError(400, "'stop' must be a string or a list of strings", "stop")
         chat.stop = (stop or [])[:4]
         seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise RequestError(400, "'seed' must be an integer", "seed")
+        if seed is not None and (
+            not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63
+        ):
+            raise RequestError(400, "'seed' must be an integer from 0 to 2**63 - 1", "seed")
         chat.seed = seed
         options = body.get("stream_options") or {}
         chat.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
@@ -184,6 +193,7 @@ class ServedModel:
         self.context_length = int(genai.get("context_length") or 2048)
         self.eos = set(eos_ids(path))
         self._inbox: queue.Queue = queue.Queue()
+        self.chats, self._count_lock = 0, threading.Lock()  # chats queued or answering
         self._stopped = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._pump, name=f"model-{name}", daemon=True)
@@ -211,10 +221,34 @@ class ServedModel:
             )
         if self.error:
             raise RuntimeError(f"the model {self.name} stopped: {self.error}")
+        with self._count_lock:  # each chat holds a cache up to its length: a bounded number
+            if self.chats >= MAX_CHATS:
+                raise RequestError(
+                    429,
+                    f"the model {self.name} is answering {self.chats} chats, its limit: "
+                    "retry in a few seconds",
+                    code="rate_limit_exceeded",
+                )
+            self.chats += 1
         ticket = {"cancel": False}
         limit = min(chat.max_tokens or DEFAULT_MAX_TOKENS, room)
-        self._inbox.put((ids, chat, limit, sink, ticket))
+        self._inbox.put((ids, chat, limit, self._counted(sink), ticket))
         return lambda: ticket.update(cancel=True)
+
+    def _counted(self, sink: Callable[[tuple], None]) -> Callable[[tuple], None]:
+        """The sink, and the chat stops counting once it is done or failed."""
+
+        def counted(event: tuple) -> None:
+            if event[0] in ("done", "error"):
+                with self._count_lock:
+                    self.chats -= 1
+            sink(event)
+
+        return counted
+
+    def alive(self) -> bool:
+        """Its generation thread runs and nothing broke it."""
+        return self._thread.is_alive() and not self.error
 
     def close(self) -> None:
         self._stopped.set()
@@ -422,13 +456,20 @@ def build_app(models: dict[str, ServedModel], api_key: str = "") -> Any:
         return error(RequestError(405, f"{request.method} is not allowed on {request.url.path}"))
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    async def health() -> Any:
+        broken = {
+            name: m.error or "its thread stopped" for name, m in models.items() if not m.alive()
+        }
+        body = {
+            "status": "failing" if broken else "ok",
             "models": list(models),
             "memory": memory_mb(),
             "prefix_cache": {name: m.reused for name, m in models.items()},
+            "chats": {name: m.chats for name, m in models.items()},
         }
+        if broken:
+            return JSONResponse({**body, "errors": broken}, status_code=503)
+        return body
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:

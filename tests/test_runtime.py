@@ -117,6 +117,8 @@ def test_concurrent_clients_all_get_answers(server):
         ({"model": "tiny", "messages": HELLO, "stop": [3]}, 400, "stop"),
         ({"model": "tiny", "messages": HELLO, "stream": "yes"}, 400, "stream"),
         ({"model": "tiny", "messages": HELLO, "n": 2}, 400, "n"),
+        ({"model": "tiny", "messages": HELLO, "seed": 2**70}, 400, "seed"),
+        ({"model": "tiny", "messages": HELLO, "seed": -1}, 400, "seed"),
         ([1, 2], 400, None),
     ],
 )
@@ -138,6 +140,13 @@ def test_broken_json_a_wrong_key_and_unknown_routes(server):
         f"{server}/v1/chat/completions", content=b"{not json", headers=auth, timeout=10
     )
     assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
+    surrogate = httpx.post(  # JSON text may escape a lone surrogate; no tokenizer reads one
+        f"{server}/v1/chat/completions",
+        content=b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+        headers=auth,
+        timeout=10,
+    )
+    assert surrogate.status_code == 400 and "not valid Unicode" in surrogate.text
     huge = httpx.post(
         f"{server}/v1/chat/completions", content=b" " * (2 << 20), headers=auth, timeout=10
     )
@@ -213,3 +222,28 @@ def test_a_pooled_prefix_answers_exactly_like_a_fresh_start(tiny_onnx):
     finally:
         pooled.close()
         fresh.close()
+
+
+def test_chats_are_capped_per_model_and_health_says_when_a_model_broke(tiny_onnx, monkeypatch):
+    """Each chat holds a cache up to its length, so a model takes at most MAX_CHATS at once
+    (the next gets 429); /health answers 503 once a model's generation thread is gone."""
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setattr(runtime, "MAX_CHATS", 1)
+    model = runtime.ServedModel("t", tiny_onnx)
+    try:
+        events = queue.Queue()
+        chat = runtime.Chat(model="t", messages=HELLO, max_tokens=8, temperature=0)
+        model.submit(chat, events.put)
+        with pytest.raises(runtime.RequestError, match="answering 1 chats") as refused:
+            model.submit(chat, lambda event: None)
+        assert refused.value.status == 429
+        while events.get(timeout=60)[0] == "token":
+            pass
+        assert model.chats == 0  # a finished chat makes room
+        client = TestClient(runtime.build_app({"t": model}))
+        assert client.get("/health").json()["status"] == "ok"
+    finally:
+        model.close()
+    broken = client.get("/health")
+    assert broken.status_code == 503 and broken.json()["errors"] == {"t": "its thread stopped"}

@@ -410,7 +410,3 @@ def flat(gate: dict[str, Any]) -> dict[str, float]:
     values.update({f"agreement_{k}": float(v) for k, v in gate["agreement"].items()})
     values["stop_parity"] = float(gate["parity"]["stop_parity"])
     return values
-
-
-def _mean(values: list[float]) -> float | None:
-    return round(sum(values) / len(values), 4) if values else None

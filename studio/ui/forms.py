@@ -59,21 +59,6 @@ def form_fields(config_cls: type, exclude: Collection[str] = ()) -> list[str]:
     ]
 
 
-def values_to_kwargs(
-    config_cls: type, names: Collection[str], values: Collection[Any]
-) -> dict[str, Any]:
-    """Component values (in `names` order) -> keyword arguments with the field types."""
-    hints = typing.get_type_hints(config_cls)
-    kwargs = {}
-    for name, value in zip(names, values):
-        if hints[name] is int and value is not None:
-            value = int(value)
-        elif hints[name] is float and value is not None:
-            value = float(value)
-        kwargs[name] = value
-    return kwargs
-
-
 def config_values(config_cls: type, named: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The values in `named` (form values by name) that set a field of `config_cls` (named
     `prefix + field`), typed as the field is; an empty value is left out, so the config's own

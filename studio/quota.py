@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from sqlite_utils import Database
 
@@ -50,6 +53,9 @@ def check_submit(
             + (" (it is 0, which trains whole epochs)." if not steps else f" (it is {steps}).")
         )
     check_paths(db, home, owner, config)
+    for key in URL_FIELDS:
+        if config.get(key):
+            check_url(db, owner, config[key])
     if step == "dataset" and limits.rows and not 0 < config.get("max_rows", 0) <= limits.rows:
         config = {**config, "max_rows": limits.rows}
     return config
@@ -81,6 +87,34 @@ def check_paths(db: Database, home: Path, owner: str, config: dict[str, Any]) ->
             f"'{value}' is not yours to use: on this shared studio a run reads only your own "
             "datasets and models, the bundled model and the sample dataset."
         )
+
+
+URL_FIELDS = ("endpoint", "url")  # the teacher's endpoint (synthesize, evaluate), benchmark's url
+
+
+def check_url(db: Database, owner: str, url: str) -> None:
+    """A URL a run or a connection test will fetch must lead to the public internet, or to a
+    runtime this owner serves here: never to this machine's other services, the host's network
+    or a cloud metadata address (loopback, private, link-local, reserved)."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise PermissionError(f"'{url}' must be an http:// or https:// address")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(parsed.hostname, port, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        return  # it resolves to nothing: the step says it is unreachable
+    addresses = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos}
+    if all(a.is_global for a in addresses):
+        return
+    own = {server["port"] for server in store.servers(db, live_only=True, owner=owner)}
+    if all(a.is_loopback for a in addresses) and port in own:
+        return  # the owner's own model, served here
+    raise PermissionError(
+        f"'{url}' leads into this machine or its network ({', '.join(map(str, addresses))}): "
+        "on this shared studio a teacher or a benchmark must be a public endpoint, or a model "
+        "you serve here (Deploy → Serve)."
+    )
 
 
 def _strings(value: Any) -> list[str]:

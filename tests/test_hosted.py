@@ -12,7 +12,7 @@ import gradio as gr
 import pytest
 
 from pipelines.lib.models import models_dir
-from studio import deploy, quickstart, store
+from studio import deploy, quickstart, quota, store
 from studio.jobs import JobRunner
 from studio.quota import LimitReached
 from studio.settings import Limits, Settings, child_environ, parse_users
@@ -201,3 +201,25 @@ def test_a_hosted_studio_needs_a_way_to_sign_in(home, monkeypatch):
             parse_users(text)
     assert parse_users(" alice:p:w , bob:x") == {"alice": "p:w", "bob": "x"}
     assert choices.datasets(home, session.NOBODY) == []
+
+
+def test_urls_lead_to_the_internet_or_to_the_owners_own_server(home):
+    """A teacher endpoint or a benchmark URL on a shared studio: never loopback, private,
+    link-local (cloud metadata) or unspecified addresses, unless it is a model the user serves."""
+    with store.connect(home) as db:
+        for url in (
+            "http://127.0.0.1:8000/v1",
+            "http://localhost:7860/",
+            "http://169.254.169.254/latest/meta-data",
+            "http://10.0.0.5/v1",
+            "http://[::1]:8000/v1",
+            "http://0.0.0.0:8000/v1",
+            "file:///etc/passwd",
+        ):
+            with pytest.raises(PermissionError):
+                quota.check_url(db, "bob", url)
+        quota.check_url(db, "bob", "https://93.184.215.14/v1")  # a public address
+        store.add_server(db, {"m": "/x"}, "127.0.0.1", 8123, False, "/x.log", owner="bob", pid=1)
+        quota.check_url(db, "bob", "http://127.0.0.1:8123/v1")  # bob's own runtime
+        with pytest.raises(PermissionError, match="leads into this machine"):
+            quota.check_url(db, "alice", "http://127.0.0.1:8123/v1")  # not alice's

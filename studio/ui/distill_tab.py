@@ -306,9 +306,11 @@ def check_teacher(
     typed = key or None  # None: the key comes from the environment variable
     if limits is not None:  # a shared studio: the visitor's own key and models only
         typed, key_env = key or "", ""
-        if kind != "Endpoint":
-            with store.connect(home) as db:
+        with store.connect(home) as db:
+            if kind != "Endpoint":
                 quota.check_paths(db, home, owner, {"teacher": teacher or ""})
+            elif (endpoint or "").strip():
+                quota.check_url(db, owner, endpoint.strip())
     try:
         fields = SynthesizeConfig(
             dataset_dir="-",

@@ -259,6 +259,13 @@ def run(config: QuantizeConfig, workdir: Path, report: Reporter) -> StepResult:
         "source_model": config.model,
         **{k: v for k, v in meta.items() if k != "builder_command"},
         **{k: gate.get(k) for k in ("verdict", "quality_kept_pct", "speedup", "size_ratio")},
+        # what the quality figure rests on: its rows and interval (task metric), or perplexity
+        "quality_by": gate.get("quality_by"),
+        "quality_rows": gate.get("pair", {}).get("rows"),
+        "quality_kept_ci": [
+            gate.get("pair", {}).get("kept_ci_low"),
+            gate.get("pair", {}).get("kept_ci_high"),
+        ],
     }
     kind = "onnx" if config.format == "onnx" else "model"
     artifacts = [(kind, out.name, artifact_meta)]

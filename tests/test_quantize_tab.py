@@ -67,3 +67,20 @@ def test_form_mistakes_are_refused(home):
         quantize_tab.submit_quantize(runner, None, execution_provider="cuda", format="bitsandbytes")
     with store.connect(home) as db:
         assert store.list_runs(db) == []
+
+
+def test_quality_kept_says_what_it_rests_on():
+    meta = {"quality_kept_pct": 97.1, "quality_rows": 36, "quality_kept_ci": [91.2, 103.0]}
+    assert quantize_tab.kept_md(meta) == "97.1% [91–103%] on 36 rows"
+    assert quantize_tab.kept_md({"quality_kept_pct": 92.7, "quality_by": "perplexity"}) == (
+        "92.7% (by perplexity)"
+    )
+    from studio.ui import runs_tab
+
+    gate = {
+        "quality_kept_pct": 97.1,
+        "pair": {"rows": 36, "kept_ci_low": 91.2, "kept_ci_high": 103},
+    }
+    assert (
+        runs_tab._report_values({"gate": gate})["quality_kept_pct"] == "97.1 [91, 103] on 36 rows"
+    )

@@ -20,32 +20,35 @@ def hardware() -> str:
     except OSError:
         pass
     text = f"{cpu}, {os.cpu_count()} cores"
-    try:
-        gpu = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        if gpu:
-            text += f", {gpu.splitlines()[0]}"
-    except (OSError, subprocess.SubprocessError):
-        pass
+    gpu = _nvidia_smi("name")
+    if gpu:
+        text += f", {gpu.splitlines()[0]}"
     return text
 
 
 def gpu_free_bytes() -> int | None:
     """Free memory of the first GPU from nvidia-smi (None without one); the web process asks
     this instead of loading torch."""
-    if shutil.which("nvidia-smi") is None:
-        return None
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+        return int(_nvidia_smi("memory.free", "nounits").split()[0]) * 2**20
+    except (ValueError, IndexError):
+        return None
+
+
+def _nvidia_smi(field: str, *formats: str) -> str:
+    """One field of `nvidia-smi --query-gpu` ('' without an NVIDIA GPU or its tool)."""
+    if shutil.which("nvidia-smi") is None:
+        return ""
+    try:
+        return subprocess.run(
+            [
+                "nvidia-smi",
+                f"--query-gpu={field}",
+                "--format=" + ",".join(["csv", "noheader", *formats]),
+            ],
             capture_output=True,
             text=True,
             timeout=5,
-        ).stdout
-        return int(out.split()[0]) * 2**20
-    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-        return None
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""

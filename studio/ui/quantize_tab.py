@@ -214,6 +214,17 @@ def retry_quantize(runner: JobRunner, owner: str | None, run_id: str) -> tuple[s
     return new_id, runs_tab.run_status(runner.home, new_id, owner)[0]
 
 
+def kept_md(meta: dict[str, Any]) -> str:
+    """Quality kept with what it rests on: '97.1% [91–103%] on 36 rows', or by perplexity."""
+    kept = views.number(meta.get("quality_kept_pct"), "{:.1f}%")
+    low, high = (meta.get("quality_kept_ci") or [None, None])[:2]
+    if meta.get("quality_rows") and low is not None:
+        return f"{kept} [{low:.0f}–{high:.0f}%] on {meta['quality_rows']} rows"
+    if meta.get("quality_by") == "perplexity":
+        return f"{kept} (by perplexity)"
+    return kept
+
+
 def quantized_md(home: Path, owner: str | None = None) -> str:
     """Every ONNX (and bitsandbytes) model made here, with its gate verdict."""
     with store.connect(home) as db:
@@ -232,7 +243,7 @@ def quantized_md(home: Path, owner: str | None = None) -> str:
         meta = json.loads(a["meta_json"] or "{}")
         lines.append(
             f"| {views.cell(a['name'])} | {meta.get('verdict') or 'not gated'} | "
-            f"{views.number(meta.get('quality_kept_pct'), '{:.1f}%')} | "
+            f"{kept_md(meta)} | "
             f"{views.number(meta.get('speedup'), '{:.2f}x')} | "
             f"{views.number(a['bytes'] / 2**20 if a['bytes'] else None, '{:.0f} MB')} | "
             f"`{a['run_id']}` | `{a['path']}` |"

@@ -361,6 +361,13 @@ def _report_values(summary: dict[str, Any]) -> dict[str, Any]:
         for key in REPORT_KEYS:
             if key in part and not isinstance(part[key], (dict, list)):
                 found.setdefault(key, part[key])
+    # quality kept with what it rests on: the interval and rows of the paired comparison
+    pair = (summary.get("gate") or {}).get("pair") or next(iter(summary.get("pairs") or []), {})
+    if found.get("quality_kept_pct") is not None and pair.get("kept_ci_low") is not None:
+        found["quality_kept_pct"] = (
+            f"{found['quality_kept_pct']:.4g} [{pair['kept_ci_low']:.0f}, "
+            f"{pair['kept_ci_high']:.0f}] on {pair['rows']} rows"
+        )
     return found
 
 
